@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as err:
-            if err.name == module:
+            if err.name and module.startswith(err.name):
                 continue  # layer not built yet
             raise
         mod.add_parser(sub)
