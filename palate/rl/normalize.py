@@ -1,0 +1,110 @@
+"""Observation and reward normalisation, done in the trainer's process so the statistics travel
+with the checkpoint (a policy trained on normalised observations is useless without them).
+
+Same rules as Stable-Baselines3's VecNormalize, so presets tuned there transfer: observations are
+whitened by a running mean/variance and clipped; rewards are divided (not centred) by the running
+standard deviation of the discounted return, which keeps their sign and the meaning of termination.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+class RunningMeanStd:
+    """Running mean and variance over batches (Chan et al.'s parallel update), in float64."""
+
+    def __init__(self, shape: tuple[int, ...] = (), epsilon: float = 1e-4) -> None:
+        self.mean = np.zeros(shape, np.float64)
+        self.var = np.ones(shape, np.float64)
+        self.count = epsilon
+
+    def update(self, batch: np.ndarray) -> None:
+        """Fold a batch ``[B, *shape]`` into the statistics."""
+        # Written out rather than np.mean/np.var: this runs every env step on a few rows, where
+        # those functions' generic argument handling costs more than the arithmetic.
+        batch = np.asarray(batch, np.float64)
+        batch_count = batch.shape[0]
+        batch_mean = batch.sum(axis=0) / batch_count
+        batch_var = np.square(batch - batch_mean).sum(axis=0) / batch_count
+        delta = batch_mean - self.mean
+        total = self.count + batch_count
+        self.mean = self.mean + delta * batch_count / total
+        m2 = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
+        self.var = m2 / total
+        self.count = total
+
+    def state_dict(self) -> dict[str, Any]:
+        # Plain lists, so checkpoints load with torch.load(weights_only=True).
+        return {"mean": self.mean.tolist(), "var": self.var.tolist(), "count": float(self.count)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mean = np.asarray(state["mean"], np.float64).copy()
+        self.var = np.asarray(state["var"], np.float64).copy()
+        self.count = float(state["count"])
+
+
+class ObsNormalizer:
+    """(obs - mean) / sqrt(var + eps), clipped; the statistics update only while ``training``."""
+
+    def __init__(self, shape: tuple[int, ...], enabled: bool, clip: float = 10.0, eps: float = 1e-8) -> None:
+        self.enabled = enabled
+        self.clip = clip
+        self.eps = eps
+        self.rms = RunningMeanStd(shape)
+
+    def __call__(self, obs: np.ndarray, update: bool = False) -> np.ndarray:
+        """Normalised float32 copy of ``obs`` ``[B, *shape]``; ``update`` folds it in first."""
+        if not self.enabled:
+            return obs.astype(np.float32)
+        if update:
+            self.rms.update(obs)
+        out = (obs - self.rms.mean) / np.sqrt(self.rms.var + self.eps)
+        return np.clip(out, -self.clip, self.clip).astype(np.float32)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "clip": self.clip, "rms": self.rms.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.enabled = bool(state["enabled"])
+        self.clip = float(state["clip"])
+        self.rms.load_state_dict(state["rms"])
+
+
+class RewardNormalizer:
+    """r / sqrt(Var[G] + eps) with G the running discounted return of each env, clipped.
+
+    Applied row by row over a ``[T, N]`` rollout so the result equals per-step normalisation.
+    """
+
+    def __init__(self, n_envs: int, gamma: float, enabled: bool, clip: float = 10.0, eps: float = 1e-8) -> None:
+        self.enabled = enabled
+        self.gamma = gamma
+        self.clip = clip
+        self.eps = eps
+        self.rms = RunningMeanStd(())
+        self.returns = np.zeros(n_envs, np.float64)
+
+    def __call__(self, rewards: np.ndarray, episode_end: np.ndarray) -> np.ndarray:
+        """Normalise ``rewards [T, N]`` given ``episode_end [T, N]`` (resets the running return)."""
+        if not self.enabled:
+            return rewards.astype(np.float32)
+        out = np.empty(rewards.shape, np.float32)
+        for t in range(rewards.shape[0]):
+            self.returns = self.returns * self.gamma + rewards[t]
+            self.rms.update(self.returns)
+            out[t] = np.clip(rewards[t] / np.sqrt(self.rms.var + self.eps), -self.clip, self.clip)
+            self.returns[episode_end[t]] = 0.0
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "clip": self.clip, "rms": self.rms.state_dict(),
+                "returns": self.returns.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.enabled = bool(state["enabled"])
+        self.clip = float(state["clip"])
+        self.rms.load_state_dict(state["rms"])
+        self.returns = np.asarray(state["returns"], np.float64).copy()

@@ -1,0 +1,456 @@
+"""What PPO and TRPO share: the training loop, rollout collection, checkpoints and ``predict``.
+
+The loop of both algorithms is the same four lines (see :meth:`OnPolicyAlgorithm.learn`)::
+
+    rollout = self.collect_rollout()      # N envs x T steps with the current policy, then GAE
+    metrics = self.update(batch, ...)     # the algorithm: PPO's clipped epochs or TRPO's step
+    self.logger.log(...)                  # CleanRL's metric names
+    self.save(...)                        # every checkpoint_every steps
+
+so each algorithm file holds only its update rule.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import sys
+import time
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from palate.config import config_from_dict, config_to_dict
+from palate.errors import CheckpointError, ConfigError, EnvError
+from palate.rl.buffer import Batch, RewardFn, RolloutBuffer, RolloutCallback, episode_stats
+from palate.rl.checkpoint import load_checkpoint, save_checkpoint
+from palate.rl.config import OnPolicyConfig
+from palate.rl.envs import EnvSource, env_name, make_vec_env, restore_envs, snapshot_envs
+from palate.rl.normalize import ObsNormalizer, RewardNormalizer
+from palate.rl.policies import ActorCritic
+from palate.runs import MetricsLogger, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+Self = TypeVar("Self", bound="OnPolicyAlgorithm")
+
+
+def _space_to_dict(space: gym.Space) -> dict[str, Any]:
+    if isinstance(space, gym.spaces.Discrete):
+        return {"type": "discrete", "n": int(space.n)}
+    assert isinstance(space, gym.spaces.Box)
+    return {"type": "box", "low": space.low.tolist(), "high": space.high.tolist()}
+
+
+def _space_from_dict(d: dict[str, Any]) -> gym.Space:
+    if d["type"] == "discrete":
+        return gym.spaces.Discrete(d["n"])
+    return gym.spaces.Box(np.array(d["low"], np.float32), np.array(d["high"], np.float32), dtype=np.float32)
+
+
+class OnPolicyAlgorithm:
+    """Base of :class:`~palate.rl.PPO` and :class:`~palate.rl.TRPO`; subclasses define ``update``.
+
+    Args:
+        config: the algorithm's config dataclass (defaults when None).
+        reward_fn: ``f(obs [B, obs_dim], actions [B, ...]) -> rewards [B]``. When set, it replaces
+            the environment's reward (before reward normalisation and GAE), as preference
+            learning needs; ``charts/episodic_return`` still reports the true env return.
+        rollout_callback: called after every rollout with a dict of NumPy arrays ``obs``,
+            ``actions``, ``true_rewards``, ``terminated``, ``truncated``, each ``[T, N, ...]``,
+            observations raw (unnormalised) and actions as executed.
+        **overrides: config fields to change, e.g. ``PPO(n_envs=8)``.
+    """
+
+    algo: ClassVar[str] = ""
+    config_class: ClassVar[type[OnPolicyConfig]] = OnPolicyConfig
+
+    def __init__(self, config: OnPolicyConfig | None = None, *, reward_fn: RewardFn | None = None,
+                 rollout_callback: RolloutCallback | None = None, **overrides: Any) -> None:
+        config = config if config is not None else self.config_class()
+        if not isinstance(config, self.config_class):
+            raise ConfigError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        if overrides:
+            unknown = sorted(set(overrides) - set(config_to_dict(config)))
+            if unknown:
+                raise ConfigError(f"unknown {self.config_class.__name__} field(s) {unknown}")
+            config = config.replace(**overrides)
+        self.config = config
+        self.reward_fn = reward_fn
+        self.rollout_callback = rollout_callback
+        self.global_step = 0
+        self.iteration = 0
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.policy: ActorCritic | None = None
+        self.observation_space: gym.spaces.Box | None = None
+        self.action_space: gym.Space | None = None
+        self.obs_norm: ObsNormalizer | None = None
+        self.reward_norm: RewardNormalizer | None = None
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        # Where the environments stand between learn() calls (and across save/load).
+        self._env_snapshot: bytes | None = None
+        self._env_object: EnvSource | None = None  # an env/vector env the caller owns
+        self._raw_obs: np.ndarray | None = None
+        self._obs: np.ndarray | None = None
+        self._resume_blob: bytes | None = None  # loaded, unpickled only when training continues
+        self._ep_return: np.ndarray | None = None
+        self._ep_length: np.ndarray | None = None
+        self._finished_returns: list[float] = []
+        self._finished_lengths: list[int] = []
+        self._all_returns: list[float] = []  # the last 1000, for summaries
+        self.episodes = 0
+
+    # ------------------------------------------------------------------ subclass hooks
+    def _build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def update(self, batch: Batch, progress_remaining: float) -> dict[str, Any]:
+        """One policy (and critic) update on a rollout; returns metrics to log.
+
+        ``progress_remaining`` goes from 1 at step 0 to 0 at ``config.total_steps`` (annealing).
+        """
+        raise NotImplementedError
+
+    def _algo_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_algo_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # ------------------------------------------------------------------ setup
+    def _setup_model(self, observation_space: gym.spaces.Box, action_space: gym.Space) -> None:
+        """Build policy, normalisers and optimisers the first time the spaces are known."""
+        cfg = self.config
+        self.observation_space, self.action_space = observation_space, action_space
+        # Initialise from the config's seed without disturbing the caller's global torch RNG.
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            self.policy = ActorCritic(int(observation_space.shape[0]), action_space, cfg.hidden_sizes,
+                                      cfg.activation, cfg.ortho_init, cfg.log_std_init)
+        self.obs_norm = ObsNormalizer(observation_space.shape, cfg.norm_obs, cfg.clip_obs)
+        self.reward_norm = RewardNormalizer(cfg.n_envs, cfg.gamma, cfg.norm_reward, cfg.clip_reward)
+        self.optimizers = self._build_optimizers()
+
+    def _check_spaces(self, envs: gym.vector.VectorEnv) -> None:
+        obs_space, act_space = envs.single_observation_space, envs.single_action_space
+        if self.policy is None:
+            self._setup_model(obs_space, act_space)
+            return
+        assert self.observation_space is not None
+        if obs_space.shape != self.observation_space.shape or _space_to_dict(act_space) != _space_to_dict(
+                self.action_space):
+            raise EnvError(f"environment spaces {obs_space}, {act_space} differ from the model's "
+                           f"{self.observation_space}, {self.action_space}")
+
+    def _open_envs(self, source: EnvSource) -> tuple[gym.vector.VectorEnv, bool]:
+        """Make the vector env and put it where the last learn() (or the checkpoint) left it."""
+        cfg = self.config
+        sub_envs = None
+        continuing = self._raw_obs is not None
+        if continuing and isinstance(source, str) and self._env_snapshot is not None and cfg.vec_env == "sync":
+            sub_envs = restore_envs(self._env_snapshot)
+        envs, owned = make_vec_env(source, cfg.n_envs, cfg.vec_env, sub_envs)
+        try:
+            self._check_spaces(envs)
+        except Exception:
+            if owned:
+                envs.close()
+            raise
+        same_object = not owned and source is self._env_object
+        if continuing and (sub_envs is not None or same_object):
+            return envs, owned  # episodes continue exactly where they stopped
+        if continuing:
+            log.info("environment state could not be restored: starting new episodes at step %d", self.global_step)
+        # A fresh start, or a resume without an env snapshot: new seeds so episodes differ.
+        raw_obs, _ = envs.reset(seed=cfg.seed + self.global_step)
+        assert self.obs_norm is not None
+        self._raw_obs = raw_obs
+        self._obs = self.obs_norm(raw_obs, update=True)
+        self._ep_return = np.zeros(cfg.n_envs, np.float64)
+        self._ep_length = np.zeros(cfg.n_envs, np.int64)
+        if self.reward_norm is not None:
+            self.reward_norm.returns[:] = 0.0
+        return envs, owned
+
+    # ------------------------------------------------------------------ the loop
+    def learn(self: Self, env: EnvSource | None = None, total_steps: int | None = None,
+              run_dir: str | Path | None = None, progress: bool = True, *,
+              reward_fn: RewardFn | None = None, rollout_callback: RolloutCallback | None = None) -> Self:
+        """Train for ``total_steps`` more environment steps (default: up to ``config.total_steps``).
+
+        May be called repeatedly; each call continues the last (global step, optimiser,
+        annealing schedule, and, for sync vector envs, the episodes in progress). The
+        learning-rate schedule anneals over ``config.total_steps``; a call that trains past it
+        raises ``config.total_steps`` to its own end. To learn in chunks on one schedule, set
+        ``total_steps`` in the config to the whole budget.
+
+        Args:
+            env: an env id, a gymnasium env (``n_envs`` must be 1), a SAME_STEP-autoreset vector
+                env, or a zero-argument env factory; default ``config.env``.
+            total_steps: environment steps to add (rounded up to whole rollouts of N * T).
+            run_dir: where to write metrics.jsonl, TensorBoard events, checkpoint.pt and
+                summary.json; None writes nothing.
+            progress: show a tqdm bar (only on a terminal).
+            reward_fn, rollout_callback: set the attributes of the same names (see the class).
+        """
+        cfg = self.config
+        if reward_fn is not None:
+            self.reward_fn = reward_fn
+        if rollout_callback is not None:
+            self.rollout_callback = rollout_callback
+        source: EnvSource = env if env is not None else cfg.env
+        if isinstance(source, str) and source != cfg.env:
+            self._env_snapshot = None  # the snapshot belongs to another env
+            self._raw_obs = None
+            cfg.env = source
+        elif not isinstance(source, str):
+            cfg.env = env_name(source)
+        if total_steps is None:
+            total_steps = max(cfg.total_steps - self.global_step, 0)
+        end = self.global_step + int(total_steps)
+        if end > cfg.total_steps:
+            cfg.total_steps = end
+        prev_threads = torch.get_num_threads()
+        if cfg.torch_threads > 0:
+            torch.set_num_threads(cfg.torch_threads)
+        logger, envs, owned, bar, completed = None, None, False, None, False
+        try:
+            if self._resume_blob is not None:
+                self._restore_resume_state()
+            envs, owned = self._open_envs(source)
+            self._env_object = None if owned else source
+            logger = MetricsLogger(run_dir) if run_dir is not None else None
+            bar = tqdm(total=end, initial=self.global_step, unit="step", dynamic_ncols=True,
+                       disable=not progress or not sys.stderr.isatty(), desc=f"{self.algo} {cfg.env}")
+            buffer = RolloutBuffer(cfg.n_steps, cfg.n_envs, self.observation_space.shape,
+                                   self.action_space.shape, self.policy.discrete)
+            start_time, start_step = time.perf_counter(), self.global_step
+            next_checkpoint = (self.global_step // cfg.checkpoint_every + 1) * cfg.checkpoint_every \
+                if cfg.checkpoint_every else None
+            while self.global_step < end:
+                progress_remaining = max(1.0 - self.global_step / cfg.total_steps, 0.0)
+                batch = self.collect_rollout(envs, buffer)
+                metrics = self.update(batch, progress_remaining)
+                self.iteration += 1
+                if self.iteration % cfg.log_interval == 0:
+                    sps = (self.global_step - start_step) / (time.perf_counter() - start_time)
+                    metrics.update(episode_stats(self._finished_returns, self._finished_lengths))
+                    metrics["charts/SPS"] = sps
+                    self._finished_returns, self._finished_lengths = [], []
+                    if logger is not None:
+                        logger.log(self.global_step, metrics)
+                    if "charts/episodic_return" in metrics:
+                        bar.set_postfix(ret=f"{metrics['charts/episodic_return']:.1f}", refresh=False)
+                bar.update(cfg.rollout_size)
+                if next_checkpoint is not None and run_dir is not None and self.global_step >= next_checkpoint:
+                    self._snapshot(envs, owned)
+                    self.save(run_dir)
+                    next_checkpoint += cfg.checkpoint_every
+            completed = True
+        finally:
+            if bar is not None:
+                bar.close()
+            if envs is not None and completed:
+                self._snapshot(envs, owned)
+            if envs is not None and owned:
+                envs.close()
+            if logger is not None:
+                logger.close()
+            torch.set_num_threads(prev_threads)
+        elapsed = time.perf_counter() - start_time
+        self.last_learn_sps = (self.global_step - start_step) / max(elapsed, 1e-9)
+        if run_dir is not None:
+            self.save(run_dir)
+            atomic_write_json(Path(run_dir) / "summary.json", self.summary(elapsed))
+        log.info("%s %s: %d steps, %.0f steps/s, mean return of the last 100 episodes %s",
+                 self.algo, cfg.env, self.global_step, self.last_learn_sps, self._recent_return())
+        return self
+
+    def _snapshot(self, envs: gym.vector.VectorEnv, owned: bool) -> None:
+        self._env_snapshot = snapshot_envs(envs) if owned else None
+
+    def _recent_return(self) -> str:
+        recent = self._all_returns[-100:]
+        return f"{np.mean(recent):.1f}" if recent else "n/a (no episode finished)"
+
+    def summary(self, elapsed: float | None = None) -> dict[str, Any]:
+        """What summary.json holds."""
+        recent = self._all_returns[-100:]
+        out: dict[str, Any] = {"algo": self.algo, "env": self.config.env, "global_step": self.global_step,
+                               "iterations": self.iteration, "episodes": self.episodes,
+                               "mean_return_last_100": float(np.mean(recent)) if recent else None}
+        if elapsed is not None:
+            out.update(wall_time_s=elapsed, steps_per_s=self.last_learn_sps)
+        return out
+
+    # ------------------------------------------------------------------ rollouts
+    def collect_rollout(self, envs: gym.vector.VectorEnv, buffer: RolloutBuffer) -> Batch:
+        """Run the policy for T steps in N envs and return the GAE'd batch.
+
+        The hot loop does only what acting needs: one actor forward per step under
+        ``inference_mode``, NumPy writes into the preallocated buffer, no ``.item()``. The
+        critic is not needed to act, so V(s_t) for the whole rollout (and V of truncated
+        episodes' final observations) is one batched forward afterwards: the same numbers for a
+        fraction of the cost of T single-row forwards.
+        """
+        cfg, policy = self.config, self.policy
+        assert policy is not None and self.obs_norm is not None and self.reward_norm is not None
+        box = None if policy.discrete else self.action_space
+        obs, raw_obs = self._obs, self._raw_obs
+        ep_return, ep_length = self._ep_return, self._ep_length
+        finals: list[tuple[int, np.ndarray, np.ndarray]] = []  # (t, env indices, normalised final obs)
+        # All sampling noise at once: one generator call per rollout instead of one per step.
+        noise = policy.noise((cfg.n_steps, cfg.n_envs), self.generator)
+        with torch.inference_mode():
+            for t in range(cfg.n_steps):
+                action, logp = policy.act(torch.from_numpy(obs), noise[t])
+                action_np = action.numpy()
+                # Gaussian samples are unbounded; the env gets them clipped, the buffer keeps the
+                # sample so its log-probability stays exact (as SB3 does).
+                env_action = action_np if box is None else np.clip(action_np, box.low, box.high)
+                next_raw, reward, terminated, truncated, info = envs.step(env_action)
+                buffer.obs[t] = obs
+                buffer.raw_obs[t] = raw_obs
+                buffer.actions[t] = action_np
+                buffer.env_actions[t] = env_action
+                buffer.logp[t] = logp.numpy()
+                buffer.true_rewards[t] = reward
+                buffer.terminated[t] = terminated
+                buffer.truncated[t] = truncated
+                ep_return += reward
+                ep_length += 1
+                done = terminated | truncated
+                if done.any():
+                    # Truncated, not terminated: the episode had a future, worth V(final observation).
+                    cut = np.flatnonzero(truncated & ~terminated)
+                    if cut.size:
+                        finals.append((t, cut, self.obs_norm(np.stack([info["final_obs"][i] for i in cut]))))
+                    for i in np.flatnonzero(done):
+                        self._finished_returns.append(float(ep_return[i]))
+                        self._finished_lengths.append(int(ep_length[i]))
+                        self._all_returns.append(float(ep_return[i]))
+                    self.episodes += int(done.sum())
+                    ep_return[done] = 0.0
+                    ep_length[done] = 0
+                raw_obs = next_raw
+                obs = self.obs_norm(raw_obs, update=True)
+            flat_obs = buffer.obs.reshape(cfg.rollout_size, -1)
+            rows = [flat_obs, obs] + [f[2] for f in finals]
+            values = policy.value(torch.from_numpy(np.concatenate(rows))).numpy()
+        buffer.values[:] = values[:cfg.rollout_size].reshape(cfg.n_steps, cfg.n_envs)
+        buffer.last_value[:] = values[cfg.rollout_size:cfg.rollout_size + cfg.n_envs]
+        offset = cfg.rollout_size + cfg.n_envs
+        for t, cut, _final in finals:
+            buffer.bootstrap[t, cut] = values[offset:offset + len(cut)]
+            offset += len(cut)
+        self._obs, self._raw_obs = obs, raw_obs
+        self.global_step += cfg.rollout_size
+        del self._all_returns[:-1000]
+
+        rewards = buffer.true_rewards
+        if self.reward_fn is not None:
+            flat = cfg.rollout_size
+            predicted = self.reward_fn(buffer.raw_obs.reshape(flat, *buffer.raw_obs.shape[2:]),
+                                       buffer.env_actions.reshape(flat, *buffer.env_actions.shape[2:]))
+            predicted = np.asarray(predicted, np.float32)
+            if predicted.shape not in ((flat,), (flat, 1)):
+                raise ConfigError(f"reward_fn returned shape {predicted.shape}; expected ({flat},)")
+            rewards = predicted.reshape(cfg.n_steps, cfg.n_envs)
+        if self.rollout_callback is not None:
+            self.rollout_callback(buffer.raw_dict())
+        rewards = self.reward_norm(rewards, buffer.terminated | buffer.truncated)
+        return buffer.compute_batch(rewards, cfg.gamma, cfg.gae_lambda)
+
+    # ------------------------------------------------------------------ inference
+    def predict(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
+        """Actions for raw observations ``[obs_dim]`` or ``[B, obs_dim]`` (normalised with the
+        saved statistics, frozen); Box actions come back clipped to the action space."""
+        if self.policy is None or self.obs_norm is None:
+            raise CheckpointError("predict needs a trained or loaded model; call learn() or load() first")
+        obs = np.asarray(obs, np.float32)
+        single = obs.ndim == 1
+        norm = self.obs_norm(obs[None] if single else obs)
+        with torch.inference_mode():
+            noise = None if deterministic else self.policy.noise(norm.shape[:1], self.generator)
+            action = self.policy.act(torch.from_numpy(norm), noise)[0].numpy()
+        if not self.policy.discrete:
+            action = np.clip(action, self.action_space.low, self.action_space.high)
+        return action[0] if single else action
+
+    # ------------------------------------------------------------------ save / load
+    def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`load` needs to rebuild the model and continue training."""
+        if self.policy is None:
+            raise CheckpointError("nothing to save: the model has not been trained or loaded")
+        resume_blob = self._resume_blob if self._resume_blob is not None else pickle.dumps({
+            "generator": self.generator.get_state(),
+            "env_snapshot": self._env_snapshot,
+            "raw_obs": self._raw_obs,
+            "obs": getattr(self, "_obs", None),
+            "ep_return": self._ep_return,
+            "ep_length": self._ep_length,
+            "all_returns": self._all_returns[-100:],
+            "episodes": self.episodes,
+        })
+        return {
+            "algo": self.algo,
+            "config": config_to_dict(self.config),
+            "spaces": {"observation_shape": list(self.observation_space.shape),
+                       "action": _space_to_dict(self.action_space)},
+            "policy": self.policy.state_dict(),
+            "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
+            "obs_norm": self.obs_norm.state_dict(),
+            "reward_norm": self.reward_norm.state_dict(),
+            "global_step": self.global_step,
+            "iteration": self.iteration,
+            "algo_state": self._algo_state(),
+            "resume": resume_blob,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write checkpoint.pt (``path`` is a run directory or a file name), atomically."""
+        path = Path(path)
+        if path.suffix == "":
+            path.mkdir(parents=True, exist_ok=True)
+        return save_checkpoint(self.state_dict(), path)
+
+    @classmethod
+    def load(cls: type[Self], path: str | Path, **kwargs: Any) -> Self:
+        """Rebuild a model from a checkpoint (file or run directory), normalisation included.
+
+        ``kwargs`` go to the constructor (``reward_fn``, ``rollout_callback``). ``learn`` on the
+        loaded model continues training where the checkpoint stopped.
+        """
+        state = load_checkpoint(path)
+        if state["algo"] != cls.algo:
+            raise CheckpointError(f"{path} holds a {state['algo']} model; load it with that class "
+                                  f"(palate.rl.{state['algo'].upper()}.load)")
+        config = config_from_dict(cls.config_class, state["config"], source=str(path))
+        model = cls(config, **kwargs)
+        obs_space = gym.spaces.Box(-np.inf, np.inf, tuple(state["spaces"]["observation_shape"]), np.float32)
+        model._setup_model(obs_space, _space_from_dict(state["spaces"]["action"]))
+        model.policy.load_state_dict(state["policy"])
+        for name, opt in model.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        model.obs_norm.load_state_dict(state["obs_norm"])
+        model.reward_norm.load_state_dict(state["reward_norm"])
+        model.global_step = int(state["global_step"])
+        model.iteration = int(state["iteration"])
+        model._load_algo_state(state["algo_state"])
+        model._resume_blob = state["resume"]
+        return model
+
+    def _restore_resume_state(self) -> None:
+        """Unpickle the RNG and environment state saved with the checkpoint (trusted files only)."""
+        resume = pickle.loads(self._resume_blob)
+        self._resume_blob = None
+        self.generator.set_state(resume["generator"])
+        self._env_snapshot = resume["env_snapshot"]
+        self._raw_obs, self._obs = resume["raw_obs"], resume["obs"]
+        self._ep_return, self._ep_length = resume["ep_return"], resume["ep_length"]
+        self._all_returns = list(resume["all_returns"])
+        self.episodes = int(resume["episodes"])

@@ -1,0 +1,199 @@
+"""Actor-critic policies: categorical for Discrete actions, diagonal Gaussian for Box actions.
+
+Actor and critic are separate MLPs (as in CleanRL and SB3's default), so the value loss cannot
+drag the policy's features around and TRPO can constrain the actor alone. The distributions are
+written out by hand rather than with ``torch.distributions``: no argument validation, no
+broadcasting machinery, and sampling from an explicit ``torch.Generator`` so a run's randomness
+is one object that the checkpoint can save. At the batch sizes of control (8 rows) this halves
+the cost of a rollout step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import gymnasium as gym
+import torch
+from torch import nn
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+class Categorical:
+    """pi(a|s) = softmax(logits)[a]."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = torch.log_softmax(logits, dim=-1)
+
+    @staticmethod
+    def noise(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Gumbel(0, 1) noise for :meth:`sample`; drawn for a whole rollout at once."""
+        u = torch.rand(shape, generator=generator).clamp_(min=1e-20)
+        return -torch.log(-torch.log(u))
+
+    def sample(self, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(action, log_prob)``; Gumbel-max: argmax(logits + G) is an exact sample."""
+        action = (self.logits + noise).argmax(dim=-1)
+        return action, self.log_prob(action)
+
+    def mode(self) -> torch.Tensor:
+        return self.logits.argmax(dim=-1)
+
+    def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
+        return self.logits.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+
+    def entropy(self) -> torch.Tensor:
+        return -(self.logits.exp() * self.logits).sum(-1)
+
+    def kl(self, other: Categorical) -> torch.Tensor:
+        """KL[self || other] per row, exact."""
+        return (self.logits.exp() * (self.logits - other.logits)).sum(-1)
+
+    def detach(self) -> Categorical:
+        return Categorical(self.logits.detach())
+
+    def rows(self, idx: torch.Tensor) -> Categorical:
+        return Categorical(self.logits[idx])
+
+
+class DiagGaussian:
+    """pi(a|s) = N(mean(s), diag(exp(log_std))^2) with a state-independent log_std."""
+
+    def __init__(self, mean: torch.Tensor, log_std: torch.Tensor) -> None:
+        self.mean = mean
+        self.log_std = log_std.expand_as(mean)
+
+    @staticmethod
+    def noise(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Standard normal noise for :meth:`sample`; drawn for a whole rollout at once."""
+        return torch.randn(shape, generator=generator)
+
+    def sample(self, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(action, log_prob)``; the standardised action is the noise itself, so its
+        log-density needs no division."""
+        action = self.mean + self.log_std.exp() * noise
+        return action, -(0.5 * noise.pow(2) + self.log_std + 0.5 * _LOG_2PI).sum(-1)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
+        z = (actions - self.mean) * torch.exp(-self.log_std)
+        return -(0.5 * z.pow(2) + self.log_std + 0.5 * _LOG_2PI).sum(-1)
+
+    def entropy(self) -> torch.Tensor:
+        return (self.log_std + 0.5 * (1.0 + _LOG_2PI)).sum(-1)
+
+    def kl(self, other: DiagGaussian) -> torch.Tensor:
+        """KL[self || other] per row, exact."""
+        var_ratio = torch.exp(2.0 * (self.log_std - other.log_std))
+        z = (self.mean - other.mean) * torch.exp(-other.log_std)
+        return 0.5 * (var_ratio + z.pow(2) - 1.0 - torch.log(var_ratio)).sum(-1)
+
+    def detach(self) -> DiagGaussian:
+        return DiagGaussian(self.mean.detach(), self.log_std.detach())
+
+    def rows(self, idx: torch.Tensor) -> DiagGaussian:
+        return DiagGaussian(self.mean[idx], self.log_std[idx])
+
+
+Distribution = Categorical | DiagGaussian
+
+
+class MLP(nn.Sequential):
+    """An ``nn.Sequential`` of Linear/activation layers with a lean forward.
+
+    ``nn.Module.__call__`` costs microseconds per layer (hooks, attribute lookups); at a rollout's
+    batch of a few rows that is most of the forward, so ``forward`` calls the functional ops on
+    the layers' parameters directly. Same parameters, same numbers as ``nn.Sequential``.
+    """
+
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__(*layers)
+        self._plan = [(m.weight, m.bias) if isinstance(m, nn.Linear) else type(m) for m in layers]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for step in self._plan:
+            if isinstance(step, tuple):
+                x = torch.nn.functional.linear(x, step[0], step[1])
+            elif step is nn.Tanh:
+                x = torch.tanh(x)
+            else:
+                x = torch.relu(x)
+        return x
+
+
+def mlp(sizes: Sequence[int], activation: str, ortho_init: bool, out_gain: float) -> MLP:
+    """Linear layers with ``activation`` between them; orthogonal init as in CleanRL when asked."""
+    act = {"tanh": nn.Tanh, "relu": nn.ReLU}[activation]
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        linear = nn.Linear(sizes[i], sizes[i + 1])
+        if ortho_init:
+            last = i == len(sizes) - 2
+            nn.init.orthogonal_(linear.weight, out_gain if last else math.sqrt(2.0))
+            nn.init.zeros_(linear.bias)
+        layers.append(linear)
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return MLP(*layers)
+
+
+class ActorCritic(nn.Module):
+    """pi(a|s) and V(s) as two MLPs over the (normalised) observation.
+
+    Args:
+        obs_dim: length of the flat observation.
+        action_space: Discrete -> categorical logits; Box -> Gaussian mean + free log_std.
+        hidden_sizes, activation, ortho_init, log_std_init: as in the trainer config.
+    """
+
+    def __init__(self, obs_dim: int, action_space: gym.Space, hidden_sizes: Sequence[int] = (64, 64),
+                 activation: str = "tanh", ortho_init: bool = True, log_std_init: float = 0.0) -> None:
+        super().__init__()
+        self.discrete = isinstance(action_space, gym.spaces.Discrete)
+        out_dim = int(action_space.n) if self.discrete else int(action_space.shape[0])
+        hidden = list(hidden_sizes)
+        self.actor = mlp([obs_dim, *hidden, out_dim], activation, ortho_init, out_gain=0.01)
+        self.critic = mlp([obs_dim, *hidden, 1], activation, ortho_init, out_gain=1.0)
+        if not self.discrete:
+            self.log_std = nn.Parameter(torch.full((out_dim,), float(log_std_init)))
+
+    def actor_parameters(self) -> list[nn.Parameter]:
+        """What TRPO's trust region constrains: the actor MLP and the log-std."""
+        params = list(self.actor.parameters())
+        return params + [self.log_std] if not self.discrete else params
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        return list(self.critic.parameters())
+
+    def distribution(self, obs: torch.Tensor) -> Distribution:
+        out = self.actor(obs)
+        return Categorical(out) if self.discrete else DiagGaussian(out, self.log_std)
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.critic(obs).squeeze(-1)
+
+    @property
+    def dist_class(self) -> type[Categorical] | type[DiagGaussian]:
+        return Categorical if self.discrete else DiagGaussian
+
+    def noise(self, batch_shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sampling noise for ``batch_shape`` rows (e.g. ``(T, N)``), to pass row by row to :meth:`act`."""
+        width = self.actor[-1].out_features
+        return self.dist_class.noise((*batch_shape, width), generator)
+
+    def act(self, obs: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample with ``noise`` (from :meth:`noise`), or take the mode when it is None;
+        returns ``(action, log_prob)``. The critic is not needed to act (see collect_rollout)."""
+        dist = self.distribution(obs)
+        if noise is None:
+            action = dist.mode()
+            return action, dist.log_prob(action)
+        return dist.sample(noise)
+
+    def evaluate(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(log_prob, entropy, value)`` of stored actions under the current parameters."""
+        dist = self.distribution(obs)
+        return dist.log_prob(actions), dist.entropy(), self.value(obs)
