@@ -1,0 +1,1 @@
+"""Dataset formats, validation, and the small language tasks shipped with palate."""

@@ -1,0 +1,110 @@
+"""Config dataclasses of the language-model commands (light: no torch import, so ``--help`` is instant).
+
+Each is re-exported by the module that uses it (``palate.lm.sft.SFTConfig``,
+``palate.lm.reward.RMConfig``), which is where users import them from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from palate.config import doc_field
+from palate.errors import ConfigError
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    """Supervised fine-tuning: ``palate lm sft --config configs/lm/sft-sentiment.yaml``."""
+
+    model: str = doc_field("smollm2-135m-instruct", "initial model: a model dir, a run dir, a .gguf file or the alias")
+    train_data: str = doc_field("", "demonstrations: JSONL of {prompt, response} or {messages}, or hf:<dataset>[:split]")
+    val_data: str = doc_field("", "validation demonstrations (empty: hold out val_fraction of train_data)")
+    val_fraction: float = doc_field(0.05, "fraction of train_data held out when val_data is empty")
+    task: str = doc_field("", "built-in task: its chat setting, and its validation prompts for reward selection")
+    chat: bool | None = doc_field(None, "format prompts with the chat template (default: the task's, else true)")
+    max_length: int = doc_field(256, "tokens per sequence (or per packed block)")
+    packing: bool = doc_field(False, "pack examples into max_length blocks instead of padding each one")
+    epochs: float = doc_field(1.0, "passes over the demonstrations")
+    max_steps: int = doc_field(0, "stop after this many optimiser steps (0: use epochs)")
+    batch_size: int = doc_field(8, "sequences per optimiser step, across all processes")
+    gradient_accumulation_steps: int = doc_field(1, "micro-batches per optimiser step")
+    lr: float = doc_field(2e-5, "AdamW learning rate (peak, after warm-up); ~1e-4 with LoRA")
+    weight_decay: float = doc_field(0.0, "AdamW weight decay")
+    warmup_ratio: float = doc_field(0.05, "fraction of steps of linear warm-up, then cosine decay to lr/10")
+    max_grad_norm: float = doc_field(1.0, "gradient clipping norm (0: off)")
+    dtype: str = doc_field("float32", "float32 on CPU; bfloat16 on GPUs")
+    mixed_precision: Literal["no", "bf16", "fp16"] = doc_field("no", "accelerate mixed precision")
+    gradient_checkpointing: bool = doc_field(False, "recompute activations to save memory")
+    use_lora: bool = doc_field(False, "train LoRA adapters instead of all weights (merged into model/ at the end)")
+    lora_r: int = doc_field(16, "LoRA rank")
+    lora_alpha: int = doc_field(32, "LoRA alpha")
+    reward_model: str = doc_field("", "reward model dir: select the checkpoint by mean validation reward")
+    select_prompts: int = doc_field(16, "validation prompts sampled for reward-based selection")
+    max_new_tokens: int = doc_field(0, "tokens generated per prompt for selection (0: the task's default, else 48)")
+    eval_every: int = doc_field(50, "validate every this many steps (and at the end)")
+    log_every: int = doc_field(1, "log training metrics every this many steps")
+    cache_dir: str = doc_field("", "where converted GGUF models are cached (default $PALATE_CACHE or ~/.cache/palate)")
+    seed: int = doc_field(0, "seeds data order, the train/val split and selection samples")
+    run_name: str = doc_field("sft", "the run is written to <runs_dir>/<run_name>/")
+    runs_dir: str = doc_field("runs", "parent directory of runs")
+    overwrite: bool = doc_field(False, "replace an existing run of the same name")
+    cpu: bool = doc_field(False, "force CPU even when a GPU is present")
+    tensorboard: bool = doc_field(True, "mirror metrics to TensorBoard")
+
+    def validate(self) -> None:
+        if not self.train_data:
+            raise ConfigError("sft: train_data is empty; give demonstrations (see `palate lm demos`)")
+        if self.batch_size < 1 or self.gradient_accumulation_steps < 1 or self.max_length < 8:
+            raise ConfigError("sft: batch_size, gradient_accumulation_steps must be >= 1 and max_length >= 8")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError("sft: val_fraction must be in [0, 1)")
+
+
+@dataclasses.dataclass
+class RMConfig:
+    """Reward-model training: ``palate lm rm --config configs/lm/rm-sentiment.yaml``."""
+
+    model: str = doc_field("smollm2-135m-instruct", "initial model: an SFT run dir, a model dir, a .gguf file or the alias")
+    train_data: str = doc_field("", "comparisons JSONL (rankings, best-of-K or pairs) or hf:<dataset>[:split]")
+    val_data: str = doc_field("", "held-out comparisons (may include the held-out labeller); empty: split train_data")
+    val_fraction: float = doc_field(0.1, "fraction of train_data held out when val_data is empty")
+    task: str = doc_field("", "built-in task whose chat setting and held-out labeller apply (sentiment|instruct)")
+    chat: bool | None = doc_field(None, "format prompts with the chat template (default: the task's, else false)")
+    held_out_labeller: str = doc_field("", "labeller name reported as rm/held_out_accuracy (default: the task's)")
+    norm_data: str = doc_field("", "SFT-format file of reference samples/demonstrations for normalisation; "
+                               "empty: the completions of the validation comparisons")
+    loss: Literal["auto", "ranking", "best_of_k", "pairwise"] = doc_field(
+        "auto", "auto: the loss that matches each comparison's format; pairwise: every pair weighs the same")
+    epochs: float = doc_field(1.0, "passes over the training comparisons (InstructGPT: 1, to avoid overfitting)")
+    max_steps: int = doc_field(0, "stop after this many optimiser steps (0: use epochs)")
+    batch_size: int = doc_field(8, "comparisons (prompts) per optimiser step, across all processes")
+    gradient_accumulation_steps: int = doc_field(1, "micro-batches per optimiser step")
+    lr: float = doc_field(1e-5, "AdamW learning rate (peak, after warm-up)")
+    weight_decay: float = doc_field(0.0, "AdamW weight decay")
+    warmup_ratio: float = doc_field(0.05, "fraction of steps of linear warm-up, then cosine decay to lr/10")
+    max_grad_norm: float = doc_field(1.0, "gradient clipping norm (0: off)")
+    max_length: int = doc_field(256, "tokens of prompt + completion (prompt cut from the left)")
+    dtype: str = doc_field("float32", "float32 on CPU; bfloat16 on GPUs")
+    mixed_precision: Literal["no", "bf16", "fp16"] = doc_field("no", "accelerate mixed precision")
+    gradient_checkpointing: bool = doc_field(False, "recompute activations to save memory")
+    use_lora: bool = doc_field(False, "train LoRA adapters on the backbone (plus the head) instead of all weights")
+    lora_r: int = doc_field(16, "LoRA rank")
+    lora_alpha: int = doc_field(32, "LoRA alpha")
+    cache_dir: str = doc_field("", "where converted GGUF models are cached (default $PALATE_CACHE or ~/.cache/palate)")
+    eval_every: int = doc_field(50, "evaluate on val_data every this many steps (and at the end)")
+    log_every: int = doc_field(1, "log training metrics every this many steps")
+    seed: int = doc_field(0, "seeds data order, head initialisation and the train/val split")
+    run_name: str = doc_field("rm", "the run is written to <runs_dir>/<run_name>/")
+    runs_dir: str = doc_field("runs", "parent directory of runs")
+    overwrite: bool = doc_field(False, "replace an existing run of the same name")
+    cpu: bool = doc_field(False, "force CPU even when a GPU is present")
+    tensorboard: bool = doc_field(True, "mirror metrics to TensorBoard")
+
+    def validate(self) -> None:
+        if not self.train_data:
+            raise ConfigError("rm: train_data is empty; give a comparisons JSONL (see `palate lm label`)")
+        if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ConfigError("rm: batch_size and gradient_accumulation_steps must be >= 1")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError("rm: val_fraction must be in [0, 1)")

@@ -1,0 +1,227 @@
+"""Evaluation of an RLHF policy against its SFT starting point (InstructGPT, section 4).
+
+* **Win rate**: for the same test prompts, one completion from the policy and one from the SFT
+  model; the task panel's *held-out* labeller (never used to train anything) ranks the pair. Ties
+  count one half.
+* **Reward**: the task's programmatic reward (and a reward model's, if given) for both models.
+* **KL to the reference**: sum over the completion's tokens of log pi - log rho, averaged over
+  policy samples, in nats: the x-axis of Ziegler et al.'s reward-vs-KL frontier.
+* **Alignment tax**: perplexity of both models on held-out *pretraining* text, which PPO-ptx
+  is meant to protect.
+* Length, EOS rate, distinct-n and repeated n-grams, because a policy that games a reward often
+  does it by repeating itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from palate.errors import CheckpointError
+from palate.lm.generation import decode_responses, response_logprobs, sample
+from palate.lm.rl_configs import EvalConfig
+from palate.runs import atomic_write_json, read_run_config, seed_everything
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EvalConfig", "distinct_n", "repeated_ngram_fraction", "win_rate", "evaluate_models", "evaluate"]
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct n-grams over all n-grams of the texts (Li et al. 2016): low means repetitive output."""
+    grams: list[tuple[str, ...]] = []
+    for t in texts:
+        words = t.split()
+        grams += [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repeated_ngram_fraction(text: str, n: int = 3) -> float:
+    """Fraction of a text's word n-grams that already occurred earlier in it."""
+    words = text.lower().split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def win_rate(judge: Any, prompts: Sequence[str], policy_texts: Sequence[str], baseline_texts: Sequence[str],
+             rng: np.random.Generator) -> tuple[float, list[float]]:
+    """Fraction of prompts where ``judge`` ranks the policy's completion above the baseline's (ties 1/2).
+
+    ``judge.compare(prompt, [a, b], rng)`` returns ranks (0 = best) like every palate labeller,
+    so a person answering through the feedback service can judge in its place.
+    """
+    outcomes = []
+    for p, a, b in zip(prompts, policy_texts, baseline_texts, strict=True):
+        ra, rb = judge.compare(p, [a, b], rng)
+        outcomes.append(1.0 if ra < rb else 0.0 if ra > rb else 0.5)
+    return float(np.mean(outcomes)) if outcomes else float("nan"), outcomes
+
+
+def _text_stats(texts: Sequence[str], lengths: torch.Tensor, ended: torch.Tensor) -> dict[str, float]:
+    return {
+        "length_tokens": float(lengths.float().mean()),
+        "eos_frac": float(ended.float().mean()),
+        "distinct_1": distinct_n(texts, 1),
+        "distinct_2": distinct_n(texts, 2),
+        "repetition_3gram": float(np.mean([repeated_ngram_fraction(t) for t in texts])) if texts else 0.0,
+    }
+
+
+@torch.no_grad()
+def _samples(model: torch.nn.Module, tokenizer, prompt_ids: Sequence[list[int]], max_new_tokens: int,
+             temperature: float, batch_size: int):
+    batches, texts = [], []
+    for i in range(0, len(prompt_ids), batch_size):
+        b = sample(model, tokenizer, prompt_ids[i:i + batch_size], max_new_tokens, temperature)
+        batches.append(b)
+        texts += decode_responses(tokenizer, b)
+    return batches, texts
+
+
+@torch.no_grad()
+def evaluate_models(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    encode_prompt: Callable[[str], list[int]],
+    judge: Any,
+    reward_fn: Callable[[Sequence[str], Sequence[str]], Sequence[float]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    samples_per_prompt: int = 1,
+    batch_size: int = 32,
+    ppl_blocks: torch.Tensor | None = None,
+    extra_scorers: dict[str, Callable[[Sequence[str], Sequence[str]], Any]] | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """All evaluation numbers for ``policy`` vs ``reference`` on ``prompts``, and the samples.
+
+    Both models answer the same (prompt, repeat) list; the reference's KL-to-itself is 0 by
+    definition, so only the policy's samples are scored under both models for the KL.
+    """
+    from palate.lm.pretrain_text import perplexity
+
+    flat = [p for p in prompts for _ in range(samples_per_prompt)]
+    ids = [encode_prompt(p) for p in flat]
+    seed_everything(seed)
+    pol_batches, pol_texts = _samples(policy, tokenizer, ids, max_new_tokens, temperature, batch_size)
+    seed_everything(seed + 1)
+    ref_batches, ref_texts = _samples(reference, tokenizer, ids, max_new_tokens, temperature, batch_size)
+
+    kls = []
+    for b in pol_batches:
+        device = next(policy.parameters()).device
+        b = b.to(device)
+        kl = (response_logprobs(policy, b, temperature) - response_logprobs(reference, b, temperature)).sum(1)
+        kls.append(kl.cpu())
+    kl = torch.cat(kls)
+
+    rng = np.random.default_rng(seed)
+    wr, outcomes = win_rate(judge, flat, pol_texts, ref_texts, rng)
+    pol_reward = np.asarray(reward_fn(flat, pol_texts), dtype=float)
+    ref_reward = np.asarray(reward_fn(flat, ref_texts), dtype=float)
+    n = len(outcomes)
+    metrics: dict[str, Any] = {
+        "win_rate": wr,
+        "win_rate_stderr": float(np.std(outcomes) / np.sqrt(n)) if n > 1 else float("nan"),
+        "n_comparisons": n,
+        "judge": getattr(judge, "name", type(judge).__name__),
+        "reward": float(pol_reward.mean()),
+        "reward_reference": float(ref_reward.mean()),
+        "kl": float(kl.mean()),
+        "kl_stderr": float(kl.std() / np.sqrt(len(kl))) if len(kl) > 1 else float("nan"),
+        "judge_score": float(np.mean([judge.score(p, t) for p, t in zip(flat, pol_texts)])) if hasattr(judge, "score") else None,
+        "judge_score_reference": float(np.mean([judge.score(p, t) for p, t in zip(flat, ref_texts)])) if hasattr(judge, "score") else None,
+    }
+    pol_len = torch.cat([b.response_mask.sum(1) for b in pol_batches])
+    ref_len = torch.cat([b.response_mask.sum(1) for b in ref_batches])
+    metrics.update({f"policy/{k}": v for k, v in _text_stats(pol_texts, pol_len, torch.cat([b.ended for b in pol_batches])).items()})
+    metrics.update({f"reference/{k}": v for k, v in _text_stats(ref_texts, ref_len, torch.cat([b.ended for b in ref_batches])).items()})
+    for name, scorer in (extra_scorers or {}).items():
+        metrics[f"{name}"] = float(torch.as_tensor(scorer(flat, pol_texts)).float().mean())
+        metrics[f"{name}_reference"] = float(torch.as_tensor(scorer(flat, ref_texts)).float().mean())
+    if ppl_blocks is not None:
+        metrics["perplexity"] = perplexity(policy, ppl_blocks)
+        metrics["perplexity_reference"] = perplexity(reference, ppl_blocks)
+        metrics["alignment_tax_ppl_ratio"] = metrics["perplexity"] / metrics["perplexity_reference"]
+    samples = [{"prompt": p, "policy": a, "reference": b, "policy_reward": float(ra), "reference_reward": float(rb),
+                "held_out_prefers": {1.0: "policy", 0.0: "reference", 0.5: "tie"}[o], "kl": float(k)}
+               for p, a, b, ra, rb, o, k in zip(flat, pol_texts, ref_texts, pol_reward, ref_reward, outcomes, kl.tolist())]
+    return metrics, samples
+
+
+def _run_settings(run: Path) -> dict[str, Any]:
+    """The PPO config of a run directory, or {} for a plain model directory."""
+    try:
+        return read_run_config(run)
+    except CheckpointError:
+        return {}
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.run`` against its reference; writes ``summary.json`` and ``samples.jsonl``."""
+    from palate.data.tasks import load_task
+    from palate.lm.formatting import encode_prompt_completion
+    from palate.lm.models import load_model
+    from palate.lm.pretrain_text import load_corpus, pack_tokens, split_corpus
+
+    cfg.validate()
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    run = Path(cfg.run)
+    settings = _run_settings(run)
+    reference_name = cfg.reference or settings.get("reference") or settings.get("policy")
+    if not reference_name:
+        raise CheckpointError(f"{run} is not a PPO run, so give the SFT model to compare with: --reference DIR")
+    task = load_task(cfg.task or settings.get("task") or "sentiment")
+    chat = task.chat if settings.get("chat") is None else bool(settings["chat"])
+    max_new_tokens = cfg.max_new_tokens or settings.get("max_new_tokens") or task.max_new_tokens
+    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+    t0 = time.perf_counter()
+    policy, tokenizer = load_model(str(run), device=device)
+    reference, _ = load_model(reference_name, device=device)
+    policy.eval()
+    reference.eval()
+    prompts = task.prompts(cfg.split)  # type: ignore[arg-type]
+    if cfg.n_prompts:
+        prompts = prompts[: cfg.n_prompts]
+    max_prompt = int(settings.get("max_prompt_length", 128))
+
+    def encode_prompt(p: str) -> list[int]:
+        return encode_prompt_completion(tokenizer, p, "", chat, max_prompt, add_eos=False)["input_ids"]
+
+    _, held_docs = split_corpus(load_corpus(cfg.ptx_corpus))
+    blocks = pack_tokens(tokenizer, held_docs, cfg.ptx_block_size)
+    if cfg.max_ppl_blocks:
+        blocks = blocks[: cfg.max_ppl_blocks]
+    extra = {}
+    if cfg.reward_model:
+        from palate.lm.reward import RewardModel
+
+        rm = RewardModel.from_pretrained(cfg.reward_model, device=device)
+        extra["rm_score"] = lambda p, c: rm.score_texts(list(p), list(c), tokenizer, batch_size=16)
+    metrics, samples = evaluate_models(
+        policy, reference, tokenizer, prompts, encode_prompt, task.panel.held_out, task.reward_fn,
+        max_new_tokens=max_new_tokens, temperature=cfg.temperature, samples_per_prompt=cfg.samples_per_prompt,
+        batch_size=cfg.batch_size, ppl_blocks=blocks, extra_scorers=extra, seed=cfg.seed)
+    metrics.update({"policy_model": str(run), "reference_model": str(reference_name), "task": task.name,
+                    "split": cfg.split, "max_new_tokens": max_new_tokens, "wall_s": time.perf_counter() - t0})
+    out = Path(cfg.out) if cfg.out else (run / "eval" if (run / "config.yaml").is_file() else Path("runs") / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "samples.jsonl", "w") as fh:
+        for s in samples:
+            fh.write(json.dumps(s) + "\n")
+    atomic_write_json(out / "summary.json", metrics)
+    log.info("win rate vs SFT (held-out labeller) %.3f +- %.3f, KL %.2f nats, reward %.3f (SFT %.3f)",
+             metrics["win_rate"], metrics["win_rate_stderr"], metrics["kl"], metrics["reward"],
+             metrics["reward_reference"])
+    return metrics

@@ -1,0 +1,150 @@
+"""The InstructGPT pipeline end to end: demonstrations -> SFT -> comparisons -> RM -> PPO -> eval -> report.
+
+Each stage writes its own run directory ``<runs_dir>/<name>/<stage>/`` and finishes by writing
+``summary.json``; a stage whose ``summary.json`` exists is skipped, so an interrupted pipeline
+continues where it stopped and a finished one only rebuilds its report. Each stage's section of
+the YAML file holds fields of that stage's own config; the pipeline supplies the paths that link
+them (the SFT model is the reward model's initialisation, PPO's policy and reference, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from palate.config import config_from_dict, config_to_dict
+from palate.lm.rl_configs import PipelineConfig
+from palate.runs import atomic_write_json, read_run_config
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PipelineConfig", "run_pipeline", "stage_done"]
+
+
+def stage_done(root: Path, stage: str) -> bool:
+    """A stage is done when its ``summary.json`` exists (written last, atomically)."""
+    return (root / stage / "summary.json").is_file()
+
+
+def _merged(cls: type, defaults: dict[str, Any], overrides: dict[str, Any], source: str) -> Any:
+    """``cls`` from the pipeline's linking defaults updated by the user's section."""
+    return config_from_dict(cls, {**defaults, **overrides}, source=source)
+
+
+def _data_stage(root: Path, stage: str, build: Any, cfg_obj: Any) -> Path:
+    """Run a data-producing stage (demos, label) and record it like a training stage."""
+    out_dir = root / stage
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    path = Path(build(cfg_obj))
+    n = sum(1 for line in path.read_text().splitlines() if line.strip())
+    atomic_write_json(out_dir / "summary.json", {"path": str(path), "records": n,
+                                                 "wall_s": time.perf_counter() - t0,
+                                                 "config": config_to_dict(cfg_obj)})
+    return path
+
+
+def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
+    """Every stage's own config, linked by paths; built (and validated) before anything runs."""
+    from palate.lm.demos import DemosConfig, LabelConfig
+    from palate.lm.evaluate import EvalConfig
+    from palate.lm.ppo import LMPPOConfig
+    from palate.lm.reward import RMConfig
+    from palate.lm.sft import SFTConfig
+
+    root = cfg.root
+    sft_model, rm_model = str(root / "sft" / "model"), str(root / "rm" / "model")
+    uses_rm = "rm" in cfg.stages or (root / "rm" / "model").is_dir()
+    reward = {"reward_model": rm_model} if cfg.ppo_reward == "rm" else {"reward_fn": cfg.task}
+    ppo_defaults: dict[str, Any] = {
+        "policy": sft_model, "reference": sft_model, "task": cfg.task, "seed": cfg.seed,
+        "value_init": rm_model if uses_rm else None, "runs_dir": str(root), "run_name": "ppo",
+        "torch_threads": cfg.torch_threads, **reward}
+    if cfg.ppo.get("online_every"):
+        ppo_defaults["online_comparisons"] = str(root / "label" / "comparisons.jsonl")
+    return {
+        "demos": _merged(DemosConfig, {"model": cfg.base_model, "task": cfg.task, "split": "train",
+                                       "out": str(root / "demos" / "demos.jsonl"), "seed": cfg.seed},
+                         cfg.demos, "pipeline demos"),
+        "sft": _merged(SFTConfig, {"model": cfg.base_model, "task": cfg.task, "seed": cfg.seed,
+                                   "train_data": str(root / "demos" / "demos.jsonl"), "runs_dir": str(root),
+                                   "run_name": "sft", "overwrite": True, "tensorboard": False},
+                       cfg.sft, "pipeline sft"),
+        "label": _merged(LabelConfig, {"model": sft_model, "task": cfg.task, "split": "train",
+                                       "out": str(root / "label" / "comparisons.jsonl"), "seed": cfg.seed + 1},
+                         cfg.label, "pipeline label"),
+        "rm": _merged(RMConfig, {"model": sft_model, "task": cfg.task, "seed": cfg.seed,
+                                 "train_data": str(root / "label" / "comparisons.jsonl"), "runs_dir": str(root),
+                                 "run_name": "rm", "overwrite": True, "tensorboard": False},
+                      cfg.rm, "pipeline rm"),
+        "ppo": _merged(LMPPOConfig, ppo_defaults, cfg.ppo, "pipeline ppo"),
+        "eval": _merged(EvalConfig, {"run": str(root / "ppo"), "reference": sft_model, "task": cfg.task,
+                                     "out": str(root / "eval"), "seed": cfg.seed + 1234,
+                                     "torch_threads": cfg.torch_threads,
+                                     "reward_model": rm_model if uses_rm else None},
+                        cfg.eval, "pipeline eval"),
+    }
+
+
+def run_pipeline(cfg: PipelineConfig) -> Path:
+    """Run the stages of ``cfg`` that are not done yet; returns the pipeline directory."""
+    import json
+
+    import torch
+
+    from palate.lm.demos import build_demonstrations, label_comparisons
+    from palate.lm.evaluate import evaluate
+    from palate.lm.ppo import train_ppo
+    from palate.lm.report import write_report
+    from palate.lm.reward import train_reward_model
+    from palate.lm.sft import train_sft
+
+    cfg.validate()
+    configs = stage_configs(cfg)  # a typo in any section fails now, not after an hour of SFT
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    root = cfg.root
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(root / "pipeline.json", config_to_dict(cfg))
+    timings_path = root / "timings.json"
+    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+
+    for stage in cfg.stages:
+        if stage != "report" and stage_done(root, stage):
+            log.info("pipeline %s: stage %s already done, skipping", cfg.name, stage)
+            continue
+        log.info("pipeline %s: stage %s", cfg.name, stage)
+        t0 = time.perf_counter()
+        if stage == "demos":
+            _data_stage(root, "demos", build_demonstrations, configs["demos"])
+        elif stage == "sft":
+            train_sft(configs["sft"])
+        elif stage == "label":
+            _data_stage(root, "label", label_comparisons, configs["label"])
+        elif stage == "rm":
+            train_reward_model(configs["rm"])
+        elif stage == "ppo":
+            resume = (root / "ppo" / "checkpoint.pt").is_file()
+            train_ppo(configs["ppo"], resume=resume, overwrite=not resume)
+        elif stage == "eval":
+            evaluate(configs["eval"])
+        elif stage == "report":
+            write_report(root)
+        timings[stage] = round(time.perf_counter() - t0, 1)
+        atomic_write_json(timings_path, timings)
+    atomic_write_json(root / "summary.json", {"stages": cfg.stages, "timings_s": timings,
+                                              "total_s": round(sum(timings.values()), 1)})
+    return root
+
+
+def pipeline_config_of(root: Path) -> dict[str, Any]:
+    """The PPO stage's config of a pipeline directory (for reports)."""
+    return read_run_config(root / "ppo") if (root / "ppo" / "config.yaml").is_file() else {}
+
+
+def replace(cfg: PipelineConfig, **changes: Any) -> PipelineConfig:
+    """A copy of ``cfg`` with fields changed (e.g. a different name for a second run)."""
+    return dataclasses.replace(cfg, **changes)

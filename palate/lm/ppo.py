@@ -1,0 +1,710 @@
+"""PPO for language models with a per-token KL penalty (Ziegler et al. 2019; InstructGPT, 2022).
+
+One iteration, top to bottom, like CleanRL's single-file PPO:
+
+1. **Rollout**: sample one completion per prompt from pi (temperature 1, stop at EOS), then one
+   no-grad forward each for log pi, log rho (the frozen SFT reference) and V.
+2. **Score**: the reward model's normalised score, or a reward function (Ziegler's mock
+   sentiment task scores with a classifier), minus a penalty if the completion never ended.
+3. **Shape**: r_t = -beta (log pi - log rho) at every token, + score at the last token
+   (:func:`palate.core.kl.kl_shaped_rewards`); GAE over tokens (:func:`gae_masked`).
+4. **Update**: several epochs of minibatches of the clipped token-level surrogate, clipped value
+   loss, optional entropy bonus and, for PPO-ptx, gamma x pretraining NLL; stop the epochs early
+   when the policy has moved more than ``target_kl`` from the rollout policy.
+5. **Adapt beta** toward ``kl_target`` (Ziegler eq. 2) and log.
+
+The value function has the reward model's shape (backbone + scalar head) and starts *as* the
+reward model (InstructGPT, appendix C.3), so its first predictions are already calibrated.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from palate.config import config_to_dict
+from palate.core.advantages import gae_masked
+from palate.core.kl import AdaptiveKLController, FixedKLController, kl_shaped_rewards
+from palate.core.ppo import clipped_surrogate_loss, value_loss
+from palate.core.stats import masked_mean, whiten
+from palate.errors import CheckpointError, ConfigError
+from palate.lm.generation import (
+    RolloutBatch,
+    decode_responses,
+    logits_to_logprobs,
+    position_ids_from_mask,
+    sample,
+)
+from palate.lm.pretrain_text import PretrainBatches, lm_nll
+from palate.lm.rl_configs import LMPPOConfig
+from palate.runs import (
+    MetricsLogger,
+    atomic_torch_save,
+    atomic_write_json,
+    prepare_run_dir,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    truncate_metrics,
+)
+
+log = logging.getLogger(__name__)
+
+ScoreFn = Callable[[Sequence[str], Sequence[str]], Any]
+"""``score_fn(prompts, completions) -> [B]`` scores (a reward model or a reward function)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Value model
+
+
+class ValueModel(nn.Module):
+    """V(x, y_<t): a transformer backbone with a scalar head read at every position.
+
+    The same shape as :class:`palate.lm.reward.RewardModel` (backbone + ``nn.Linear(hidden, 1)``),
+    so it can start as a copy of the reward model: InstructGPT initialises the value function
+    from the RM, which makes the first advantages meaningful instead of noise.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
+
+    @classmethod
+    def from_causal_lm(cls, model: nn.Module) -> ValueModel:
+        """A copy of the LM's backbone with a zero head (V = 0 everywhere at the start)."""
+        base = getattr(model, model.base_model_prefix)
+        head = nn.Linear(model.config.hidden_size, 1)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        return cls(copy.deepcopy(base), head.to(next(base.parameters()).dtype))
+
+    @classmethod
+    def from_reward_model(cls, reward_model: nn.Module) -> ValueModel:
+        """A copy of the RM whose head folds in its normalisation: V(x, y) == RM(x, y) at the end."""
+        head = copy.deepcopy(reward_model.head)
+        gain, bias = fold_normalisation(reward_model)
+        with torch.no_grad():
+            head.weight.mul_(gain)
+            head.bias.mul_(gain).add_(bias)
+        return cls(copy.deepcopy(reward_model.backbone), head)
+
+
+def fold_normalisation(reward_model: nn.Module) -> tuple[float, float]:
+    """``(a, c)`` such that the RM's normalised score is ``a * raw + c``.
+
+    Read off the RM itself, by normalising raw scores 0 and 1, so this stays right whatever form
+    the RM's ``gain``/``bias`` buffers take.
+    """
+    normalise = getattr(reward_model, "normalise", None)
+    if callable(normalise):
+        zero, one = (float(normalise(torch.tensor([v]))[0]) for v in (0.0, 1.0))
+        return one - zero, zero
+    return float(reward_model.gain), float(reward_model.bias)
+
+
+class PolicyAndValue(nn.Module):
+    """Both trained networks behind one ``forward``, so ``accelerate`` wraps (and syncs) them once."""
+
+    def __init__(self, policy: nn.Module, value: ValueModel) -> None:
+        super().__init__()
+        self.policy = policy
+        self.value = value
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int,
+                ptx_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(response logits [B,R,V], values [B,R], ptx NLL or None)``."""
+        position_ids = position_ids_from_mask(attention_mask)
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).logits[:, query_len - 1:-1]
+        values = self.value(input_ids, attention_mask, position_ids)[:, query_len - 1:-1]
+        ptx = lm_nll(self.policy, ptx_ids) if ptx_ids is not None else None
+        return logits, values, ptx
+
+
+def freeze_all_but_last_layers(model: nn.Module, n_layers: int) -> None:
+    """Train only the last ``n_layers`` transformer blocks and the final norm.
+
+    On a CPU this is the cheapest honest fine-tune: the backward pass stops at the first trained
+    block, so an update costs a fraction of a full one, unlike LoRA whose backward crosses every
+    layer. Embeddings (tied to the LM head in SmolLM2) stay frozen.
+    """
+    if n_layers <= 0:
+        return
+    base = getattr(model, model.base_model_prefix, model)
+    layers = base.layers
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in list(layers)[-n_layers:]:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+    for p in base.norm.parameters():
+        p.requires_grad_(True)
+
+
+def _lora(r: int, alpha: int, task_type: str | None) -> Any:
+    from peft import LoraConfig
+
+    # No adapter dropout: PPO's first-epoch ratio must be exactly 1 for the surrogate to be right.
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none", task_type=task_type,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+# --------------------------------------------------------------------------------------------
+# Rollout buffer
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One PPO batch: tokens, rollout-time log-probs, values, shaped rewards, advantages, returns."""
+
+    batch: RolloutBatch
+    prompts: list[str]
+    completions: list[str]
+    scores: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    entropy: torch.Tensor
+    rewards: torch.Tensor
+    kl: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+class PromptSampler:
+    """Seeded epochs over the prompt list: each epoch a fresh permutation; state is checkpointed."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n = n
+        self.rng = np.random.default_rng(seed)
+        self.queue: list[int] = []
+
+    def next(self, k: int) -> list[int]:
+        while len(self.queue) < k:
+            self.queue += self.rng.permutation(self.n).tolist()
+        out, self.queue = self.queue[:k], self.queue[k:]
+        return out
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "queue": list(self.queue)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.queue = list(state["queue"])
+
+
+# --------------------------------------------------------------------------------------------
+# Trainer
+
+
+class LMPPOTrainer:
+    """The PPO(-ptx) loop over injected parts: policy, reference, value model, scorer, prompts.
+
+    :func:`build_trainer` assembles these from a config (model loading, the task, the reward
+    model); tests inject tiny models and simple reward functions directly.
+
+    Args:
+        cfg: the run's config.
+        policy: causal LM being trained (a ``peft`` model when ``cfg.lora_r > 0``).
+        tokenizer: its tokenizer.
+        value_model: V; a :class:`ValueModel`.
+        score_fn: ``(prompts, completions) -> [B]`` scores.
+        prompts: prompt texts (what ``score_fn`` and the labellers see).
+        encode_prompt: prompt text -> token ids as the policy must see it (chat template etc.).
+        reference: frozen rho; ``None`` with LoRA means "the policy with adapters disabled".
+        ptx_blocks: ``[N, T]`` pretraining token blocks for PPO-ptx (needed when ptx_coef > 0).
+        online: an :class:`palate.lm.online.OnlineCollector` run every ``cfg.online_every`` iterations.
+    """
+
+    def __init__(self, cfg: LMPPOConfig, policy: nn.Module, tokenizer, value_model: ValueModel,
+                 score_fn: ScoreFn, prompts: Sequence[str], encode_prompt: Callable[[str], list[int]],
+                 reference: nn.Module | None = None, ptx_blocks: torch.Tensor | None = None,
+                 online: Any = None) -> None:
+        from accelerate import Accelerator
+
+        if cfg.ptx_coef > 0 and ptx_blocks is None:
+            raise ConfigError("ptx_coef > 0 needs pretraining text (ptx_blocks); set ptx_corpus or ptx_coef: 0")
+        if reference is None and not hasattr(policy, "disable_adapter"):
+            raise ConfigError("without LoRA the trainer needs an explicit frozen reference model")
+        if not prompts:
+            raise ConfigError("no prompts to train on")
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.score_fn = score_fn
+        self.prompts = list(prompts)
+        self.prompt_ids = [encode_prompt(p)[-cfg.max_prompt_length:] for p in self.prompts]
+        self.online = online
+        cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
+        self.device = self.accelerator.device
+
+        self.reference = reference
+        if reference is not None:
+            reference.requires_grad_(False)
+            reference.eval()
+            reference.to(self.device)
+        policy.eval()  # no dropout anywhere: PPO's ratio must be 1 before the first step
+        value_model.eval()
+        self.model = PolicyAndValue(policy, value_model)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("nothing to train: every parameter is frozen (check lora_r / trainable_layers)")
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        self.unwrapped: PolicyAndValue = self.accelerator.unwrap_model(self.model)
+
+        if cfg.adaptive_kl:
+            self.kl_ctl: Any = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.k_beta)
+        else:
+            self.kl_ctl = FixedKLController(cfg.kl_coef)
+        self.sampler = PromptSampler(len(self.prompts), cfg.seed)
+        self.ptx = PretrainBatches(ptx_blocks, cfg.ptx_batch_size, cfg.seed) if cfg.ptx_coef > 0 else None
+        self.update_generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.iteration = 0
+        self.max_new_tokens = cfg.max_new_tokens or 24
+
+    # -- rollout ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _forward_rollout(self, batch: RolloutBatch) -> tuple[torch.Tensor, ...]:
+        """Rollout-time log pi, log rho, entropy and V, in chunks of ``forward_batch_size``."""
+        cfg = self.cfg
+        outs: list[tuple[torch.Tensor, ...]] = []
+        for start in range(0, len(batch), cfg.forward_batch_size):
+            mb = batch.select(torch.arange(start, min(start + cfg.forward_batch_size, len(batch)))).to(self.device)
+            logits, values, _ = self.unwrapped(mb.input_ids, mb.attention_mask, mb.query_ids.shape[1])
+            logp, ent = logits_to_logprobs(logits, mb.response_ids, cfg.temperature)
+            ref_logits = self._reference_logits(mb)
+            ref_logp, _ = logits_to_logprobs(ref_logits, mb.response_ids, cfg.temperature)
+            m = mb.response_mask.float()
+            outs.append((logp * m, ref_logp * m, ent * m, values.float() * m))
+            del logits, ref_logits
+        return tuple(torch.cat(parts).cpu() for parts in zip(*outs))
+
+    def _reference_logits(self, mb: RolloutBatch) -> torch.Tensor:
+        p = mb.query_ids.shape[1]
+        kwargs = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                      position_ids=position_ids_from_mask(mb.attention_mask), use_cache=False)
+        if self.reference is not None:
+            return self.reference(**kwargs).logits[:, p - 1:-1]
+        # LoRA: rho is the very same weights with the adapters switched off (no extra memory).
+        with self.unwrapped.policy.disable_adapter():
+            return self.unwrapped.policy(**kwargs).logits[:, p - 1:-1]
+
+    def rollout(self) -> Rollout:
+        cfg = self.cfg
+        index = self.sampler.next(cfg.batch_size)
+        prompts = [self.prompts[i] for i in index]
+        batch = sample(self.unwrapped.policy, self.tokenizer, [self.prompt_ids[i] for i in index],
+                       self.max_new_tokens, cfg.temperature)
+        completions = decode_responses(self.tokenizer, batch)
+        logp, ref_logp, entropy, values = self._forward_rollout(batch)
+        scores = torch.as_tensor(self.score_fn(prompts, completions), dtype=torch.float32).detach().cpu().view(-1)
+        return self._shape(batch, prompts, completions, scores, logp, ref_logp, values, entropy)
+
+    def _shape(self, batch: RolloutBatch, prompts: list[str], completions: list[str], scores: torch.Tensor,
+               logp: torch.Tensor, ref_logp: torch.Tensor, values: torch.Tensor, entropy: torch.Tensor) -> Rollout:
+        """Scores -> per-token rewards -> GAE advantages, all on the rollout's tokens only."""
+        cfg = self.cfg
+        mask = batch.response_mask
+        shaped = scores.clone()
+        if cfg.missing_eos_penalty:
+            shaped = shaped - cfg.missing_eos_penalty * (~batch.ended).float()
+        if cfg.whiten_scores and len(shaped) > 1:
+            shaped = whiten(shaped)
+        rewards, kl = kl_shaped_rewards(shaped, logp, ref_logp, mask, self.kl_ctl.kl_coef)
+        advantages, returns = gae_masked(rewards, values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        return Rollout(batch, prompts, completions, scores, logp, ref_logp, values, entropy, rewards, kl,
+                       advantages, returns)
+
+    # -- update ----------------------------------------------------------------------------
+
+    def update(self, ro: Rollout) -> dict[str, float]:
+        """``ppo_epochs`` passes of shuffled minibatches; stop early past ``target_kl``."""
+        cfg = self.cfg
+        stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl",
+                                                         "vf_clipfrac", "ptx_loss", "entropy")}
+        epochs_done = 0
+        micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
+        for _epoch in range(cfg.ppo_epochs):
+            perm = torch.randperm(len(ro.batch), generator=self.update_generator)
+            epoch_kl = []
+            for start in range(0, len(perm), cfg.mini_batch_size):
+                mb_index = perm[start:start + cfg.mini_batch_size]
+                self.optimizer.zero_grad(set_to_none=True)
+                for k, idx in enumerate(mb_index.split(micro)):
+                    last = k == cfg.gradient_accumulation_steps - 1
+                    ctx = self.accelerator.no_sync(self.model) if not last else _nullcontext()
+                    with ctx:
+                        s = self._loss_and_backward(ro, idx)
+                    for key, v in s.items():
+                        stats[key].append(v)
+                    epoch_kl.append(s["approx_kl"])
+                if cfg.max_grad_norm:
+                    self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+            epochs_done += 1
+            if cfg.target_kl is not None and float(np.mean(epoch_kl)) > cfg.target_kl:
+                break  # KL early stop: the policy already left the region the samples describe
+        out = {k: float(np.mean(v)) for k, v in stats.items() if v}
+        out["epochs"] = epochs_done
+        return out
+
+    def _loss_and_backward(self, ro: Rollout, idx: torch.Tensor) -> dict[str, float]:
+        cfg = self.cfg
+        mb = ro.batch.select(idx).to(self.device)
+        mask = mb.response_mask.float()
+        # Trim right padding shared by the whole micro-batch: fewer positions to compute.
+        width = int(mask.sum(1).max().item())
+        mb = RolloutBatch(mb.query_ids, mb.query_mask, mb.response_ids[:, :width], mb.response_mask[:, :width],
+                          mb.ended)
+        mask = mask[:, :width]
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t[idx][:, :width].to(self.device)
+
+        ptx_ids = None
+        if self.ptx is not None:
+            ptx_ids = next(self.ptx)[: max(1, cfg.ptx_batch_size // cfg.gradient_accumulation_steps)].to(self.device)
+        with self.accelerator.autocast():
+            logits, vpred, ptx_nll = self.model(mb.input_ids, mb.attention_mask, mb.query_ids.shape[1], ptx_ids)
+        logp, ent = logits_to_logprobs(logits, mb.response_ids, cfg.temperature)
+        pg_loss, pg_stats = clipped_surrogate_loss(logp, take(ro.logprobs), take(ro.advantages), cfg.clip_range, mask)
+        vf_loss, vf_stats = value_loss(vpred.float(), take(ro.values), take(ro.returns), cfg.clip_range_vf, mask)
+        entropy = masked_mean(ent, mask)
+        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+        if ptx_nll is not None:
+            # PPO-ptx (InstructGPT eq. 2): maximise gamma * E_pretrain[log pi(x)].
+            loss = loss + cfg.ptx_coef * ptx_nll.float()
+        self.accelerator.backward(loss / cfg.gradient_accumulation_steps)
+        out = {"pg_loss": float(pg_loss.detach()), "vf_loss": float(vf_loss.detach()), "clipfrac": float(pg_stats["clipfrac"]),
+               "approx_kl": float(pg_stats["approx_kl"]), "entropy": float(entropy.detach())}
+        if "vf_clipfrac" in vf_stats:
+            out["vf_clipfrac"] = float(vf_stats["vf_clipfrac"])
+        if ptx_nll is not None:
+            out["ptx_loss"] = float(ptx_nll.detach())
+        return out
+
+    # -- one iteration and the loop ----------------------------------------------------------
+
+    def step(self) -> tuple[dict[str, float], Rollout]:
+        """One rollout + update + beta adaptation; returns metrics with the palate/CleanRL names."""
+        t0 = time.perf_counter()
+        ro = self.rollout()
+        t1 = time.perf_counter()
+        upd = self.update(ro)
+        t2 = time.perf_counter()
+        mask = ro.batch.response_mask.float()
+        kl_per_seq = ro.kl.sum(1)
+        mean_kl = float(kl_per_seq.mean())
+        beta = self.kl_ctl.kl_coef
+        self.kl_ctl.update(mean_kl, len(ro.batch))
+        n_tokens = float(mask.sum())
+        valid = mask.bool()
+        ev = _explained_variance(ro.values[valid], ro.returns[valid])
+        metrics: dict[str, float] = {
+            "objective/reward": float(ro.scores.mean()),
+            "objective/reward_std": float(ro.scores.std()) if len(ro.scores) > 1 else 0.0,
+            "objective/kl": mean_kl,
+            "objective/kl_coef": beta,
+            "objective/non_score_reward": float((-beta * kl_per_seq).mean()),
+            "objective/entropy": float(ro.entropy.sum(1).mean()),
+            "ppo/clipfrac": upd.get("clipfrac", 0.0),
+            "ppo/approx_kl": upd.get("approx_kl", 0.0),
+            "ppo/epochs": upd["epochs"],
+            "losses/policy_loss": upd.get("pg_loss", 0.0),
+            "losses/value_loss": upd.get("vf_loss", 0.0),
+            "losses/explained_variance": ev,
+            "response/length": float(mask.sum(1).mean()),
+            "response/eos_frac": float(ro.batch.ended.float().mean()),
+            "charts/tokens_per_s": n_tokens / max(t2 - t0, 1e-9),
+            "time/rollout_s": t1 - t0,
+            "time/update_s": t2 - t1,
+        }
+        if "vf_clipfrac" in upd:
+            metrics["ppo/val_clipfrac"] = upd["vf_clipfrac"]
+        if "ptx_loss" in upd:
+            metrics["ptx/loss"] = upd["ptx_loss"]
+        self.iteration += 1
+        return metrics, ro
+
+    def train(self, run_dir: Path, resume: bool = False) -> dict[str, Any]:
+        """Run (or continue) the loop, logging each iteration and checkpointing atomically."""
+        cfg = self.cfg
+        if resume:
+            self.load_checkpoint(run_dir)
+            truncate_metrics(run_dir, self.iteration)
+        logger = MetricsLogger(run_dir, tensorboard=False) if self.accelerator.is_main_process else None
+        samples_path = run_dir / "samples.jsonl"
+        start_time = time.perf_counter()
+        last: dict[str, float] = {}
+        try:
+            while self.iteration < cfg.iterations:
+                # Online collection (Ziegler et al.): before iterations M, 2M, ... so a resumed run,
+                # whose checkpoint follows an update, runs the round it had not reached yet.
+                if self.online is not None and cfg.online_every and self.iteration > 0 \
+                        and self.iteration % cfg.online_every == 0:
+                    online_metrics = self.online.collect(self, self.iteration)
+                    if logger:
+                        logger.log(self.iteration, {"phase": "online", **online_metrics})
+                metrics, ro = self.step()
+                last = metrics
+                if logger:
+                    logger.log(self.iteration, {"phase": "ppo", **metrics})
+                    with open(samples_path, "a") as fh:
+                        for p, c, s in list(zip(ro.prompts, ro.completions, ro.scores.tolist()))[: cfg.log_samples]:
+                            fh.write(json.dumps({"iteration": self.iteration, "prompt": p, "completion": c,
+                                                 "score": s}) + "\n")
+                log.info("iter %d/%d reward %.3f kl %.2f beta %.4f clipfrac %.3f %.0f tok/s",
+                         self.iteration, cfg.iterations, metrics["objective/reward"], metrics["objective/kl"],
+                         metrics["objective/kl_coef"], metrics["ppo/clipfrac"], metrics["charts/tokens_per_s"])
+                if self.iteration % cfg.save_every == 0 or self.iteration == cfg.iterations:
+                    self.save_checkpoint(run_dir)
+        finally:
+            if logger:
+                logger.close()
+        self.save_model(run_dir / "model")
+        summary = {"iterations": self.iteration, "final": last, "kl_coef": self.kl_ctl.kl_coef,
+                   "wall_s": time.perf_counter() - start_time}
+        if self.accelerator.is_main_process:
+            atomic_write_json(run_dir / "summary.json", summary)
+        return summary
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self, run_dir: Path) -> None:
+        """Trainable weights (all, or adapters / last blocks), optimiser, beta, RNG, samplers; atomic."""
+        if not self.accelerator.is_main_process:
+            return
+        state = {
+            "iteration": self.iteration,
+            "weights": self._trainable_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "ptx": self.ptx.state_dict() if self.ptx is not None else None,
+            "update_generator": self.update_generator.get_state(),
+            "rng": rng_state(),
+            "online": self.online.state_dict() if self.online is not None else None,
+        }
+        atomic_torch_save(state, run_dir / "checkpoint.pt")
+
+    def load_checkpoint(self, run_dir: Path) -> None:
+        path = run_dir / "checkpoint.pt"
+        if not path.is_file():
+            raise CheckpointError(f"{run_dir} has no checkpoint.pt to resume from; start it again without --resume")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        missing = set(self._trainable_state()) - set(state["weights"])
+        if missing:
+            raise CheckpointError(f"{path} does not match this model (missing {sorted(missing)[:3]}...); "
+                                  "resume with the config the run was started with")
+        self.unwrapped.load_state_dict(state["weights"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.sampler.load_state_dict(state["sampler"])
+        if self.ptx is not None and state["ptx"] is not None:
+            self.ptx.load_state_dict(state["ptx"])
+        self.update_generator.set_state(state["update_generator"])
+        set_rng_state(state["rng"])
+        if self.online is not None and state.get("online") is not None:
+            self.online.load_state_dict(state["online"])
+        self.iteration = int(state["iteration"])
+
+    def save_model(self, directory: Path) -> Path:
+        """The trained policy as a plain transformers directory (LoRA merged) + tokenizer, atomically."""
+        if not self.accelerator.is_main_process:
+            return directory
+        policy = self.unwrapped.policy
+        if hasattr(policy, "merge_and_unload"):
+            policy = copy.deepcopy(policy).merge_and_unload()
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            policy.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            if directory.exists():
+                shutil.rmtree(directory)
+            tmp.rename(directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
+    if target.numel() < 2:
+        return float("nan")
+    var = float(target.var())
+    return float("nan") if var == 0 else 1.0 - float((target - pred).var()) / var
+
+
+# --------------------------------------------------------------------------------------------
+# Assembling a trainer from a config
+
+
+def _device(cfg: LMPPOConfig) -> str:
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def load_ptx_blocks(cfg: LMPPOConfig, tokenizer) -> torch.Tensor | None:
+    """Training blocks of the ptx corpus (the held-out split is kept for the alignment tax)."""
+    if cfg.ptx_coef <= 0:
+        return None
+    from palate.lm.pretrain_text import load_corpus, pack_tokens, split_corpus
+
+    train_docs, _held_out = split_corpus(load_corpus(cfg.ptx_corpus))
+    return pack_tokens(tokenizer, train_docs, cfg.ptx_block_size)
+
+
+def make_score_fn(cfg: LMPPOConfig, tokenizer, device: str) -> tuple[ScoreFn, nn.Module | None]:
+    """``(score_fn, reward_model or None)`` from ``reward_model`` or ``reward_fn``."""
+    if cfg.reward_model:
+        from palate.lm.reward import RewardModel
+
+        rm = RewardModel.from_pretrained(cfg.reward_model, dtype=cfg.dtype, device=device)
+        rm.eval()
+        rm.requires_grad_(False)
+
+        def score_rm(prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+            return rm.score_texts(list(prompts), list(completions), tokenizer, batch_size=cfg.forward_batch_size)
+
+        return score_rm, rm
+    from palate.data.tasks import load_task
+
+    task = load_task(cfg.reward_fn)
+    return (lambda p, c: task.reward_fn(list(p), list(c))), None
+
+
+def build_trainer(cfg: LMPPOConfig) -> LMPPOTrainer:
+    """Load models, task and reward for ``cfg`` and return a ready trainer."""
+    from palate.data.tasks import load_task
+    from palate.lm.formatting import encode_prompt_completion
+    from palate.lm.models import load_model
+
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    seed_everything(cfg.seed)
+    device = _device(cfg)
+    policy, tokenizer = load_model(cfg.policy, dtype=cfg.dtype, device=device,
+                                   gradient_checkpointing=cfg.gradient_checkpointing)
+    task = load_task(cfg.task)
+    chat = task.chat if cfg.chat is None else cfg.chat
+    if cfg.max_new_tokens is None:
+        cfg.max_new_tokens = task.max_new_tokens
+
+    reference = None
+    if cfg.reference and cfg.reference != cfg.policy:
+        reference, _ = load_model(cfg.reference, dtype=cfg.dtype, device=device)
+    elif cfg.lora_r <= 0:
+        reference = copy.deepcopy(policy)
+
+    score_fn, rm = make_score_fn(cfg, tokenizer, device)
+    value_src = cfg.value_init or cfg.reward_model
+    if rm is not None and value_src == cfg.reward_model:
+        value = ValueModel.from_reward_model(rm)
+    elif value_src:
+        from palate.lm.reward import RewardModel
+
+        value = ValueModel.from_reward_model(RewardModel.from_pretrained(value_src, dtype=cfg.dtype, device=device))
+        # The reward is not this RM's score (e.g. a task's reward function): keep the RM's features,
+        # which know what the labellers like, but start V at 0 instead of at a score on another scale.
+        nn.init.zeros_(value.head.weight)
+        nn.init.zeros_(value.head.bias)
+    else:
+        value = ValueModel.from_causal_lm(policy)
+    value.requires_grad_(True)
+
+    if cfg.lora_r > 0:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, _lora(cfg.lora_r, cfg.lora_alpha, "CAUSAL_LM"))
+        value.backbone = get_peft_model(value.backbone, _lora(cfg.lora_r, cfg.lora_alpha, None))
+    else:
+        freeze_all_but_last_layers(policy, cfg.trainable_layers)
+        if cfg.trainable_layers > 0:
+            for p in value.backbone.parameters():
+                p.requires_grad_(False)
+            for layer in list(value.backbone.layers)[-cfg.trainable_layers:]:
+                layer.requires_grad_(True)
+            value.backbone.norm.requires_grad_(True)
+
+    def encode_prompt(prompt: str) -> list[int]:
+        # Exactly the prompt tokens SFT and the reward model saw (same template, same BOS rule).
+        return encode_prompt_completion(tokenizer, prompt, "", chat, cfg.max_prompt_length, add_eos=False)["input_ids"]
+
+    online = None
+    if cfg.online_every > 0:
+        from palate.lm.online import OnlineCollector
+
+        if rm is None:
+            raise ConfigError("online_every > 0 retrains the reward model, so it needs reward_model (not reward_fn)")
+        online = OnlineCollector.from_config(cfg, rm, tokenizer, task, cfg.online_comparisons)
+    return LMPPOTrainer(cfg, policy, tokenizer, value, score_fn, task.prompts("train"), encode_prompt,
+                        reference=reference, ptx_blocks=load_ptx_blocks(cfg, tokenizer), online=online)
+
+
+def train_ppo(cfg: LMPPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train and return the run directory (``<run>/model`` holds the policy)."""
+    run_dir = cfg.run_dir
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise CheckpointError(f"cannot resume {run_dir}: no config.yaml there")
+    else:
+        prepare_run_dir(run_dir, config_to_dict(cfg), overwrite=overwrite)
+    trainer = build_trainer(cfg)
+    trainer.train(run_dir, resume=resume)
+    return run_dir
+
+
+def read_metrics(run_dir: str | Path, phase: str | None = "ppo") -> list[dict[str, Any]]:
+    """The run's metrics.jsonl records (of one phase), for reports and tests."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if phase is None or rec.get("phase", "ppo") == phase:
+            out.append(rec)
+    return out

@@ -1,0 +1,211 @@
+"""The pipeline report: ``report.md`` plus PNG plots, built only from what the stages wrote.
+
+Plots: reward and KL over PPO iterations, the reward-vs-KL frontier (Ziegler et al. figure 2's
+axes: what a policy gained for how far it moved from the reference), and the held-out
+labeller's verdicts. A table shows the same prompts answered before (SFT) and after (PPO).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from palate.lm.rl_configs import PIPELINE_STAGES
+from palate.runs import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return "n/a" if x is None else str(x)
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def plot_training(metrics: list[dict[str, Any]], out: Path) -> Path | None:
+    """Reward and KL (with beta) over PPO iterations."""
+    if not metrics:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in metrics]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot(steps, [m.get("objective/reward") for m in metrics], marker="o", ms=3)
+    ax1.set_xlabel("PPO iteration")
+    ax1.set_ylabel("score of sampled completions")
+    ax1.set_title("reward")
+    ax2.plot(steps, [m.get("objective/kl") for m in metrics], marker="o", ms=3, color="C1", label="KL(pi || rho)")
+    ax2.set_xlabel("PPO iteration")
+    ax2.set_ylabel("nats per completion")
+    ax2.set_title("KL to the SFT reference")
+    twin = ax2.twinx()
+    twin.plot(steps, [m.get("objective/kl_coef") for m in metrics], color="C2", ls="--", label="beta")
+    twin.set_ylabel("beta (kl_coef)")
+    ax2.legend(loc="upper left")
+    twin.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_frontier(metrics: list[dict[str, Any]], evaluation: dict[str, Any], out: Path,
+                  reward_key: str = "reward") -> Path | None:
+    """Reward against KL: each training iteration, and the evaluated SFT and PPO policies.
+
+    ``reward_key`` picks the evaluation number that is the training reward (``rm_score`` when PPO
+    maximised the reward model, ``reward`` for the task's function), so all points share an axis.
+    """
+    if not metrics and not evaluation:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    if metrics:
+        sc = ax.scatter([m.get("objective/kl") for m in metrics], [m.get("objective/reward") for m in metrics],
+                        c=[m["step"] for m in metrics], cmap="viridis", s=18, label="training batches")
+        fig.colorbar(sc, ax=ax, label="iteration")
+    if evaluation:
+        ax.scatter([0.0], [evaluation[f"{reward_key}_reference"]], marker="s", s=60, color="black", label="SFT (test)")
+        ax.scatter([evaluation["kl"]], [evaluation[reward_key]], marker="*", s=140, color="red", label="PPO (test)")
+    ax.set_xlabel("KL(pi || SFT), nats per completion")
+    ax.set_ylabel("reward")
+    ax.set_title("reward vs KL")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_win_rate(samples: list[dict[str, Any]], out: Path) -> Path | None:
+    """The held-out labeller's verdicts: PPO preferred, tie, SFT preferred."""
+    if not samples:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["policy", "tie", "reference"]
+    counts = [sum(s["held_out_prefers"] == k for s in samples) for k in labels]
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.bar(["PPO preferred", "tie", "SFT preferred"], counts, color=["C2", "C7", "C3"])
+    ax.set_ylabel("comparisons")
+    ax.set_title(f"held-out labeller, {len(samples)} test comparisons")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_report(root: str | Path, n_samples: int = 6) -> Path:
+    """Write ``<root>/report.md`` and its PNGs from the stage directories under ``root``."""
+    from palate.lm.ppo import read_metrics
+
+    root = Path(root)
+    metrics = read_metrics(root / "ppo")
+    online = read_metrics(root / "ppo", phase="online")
+    evaluation = _json(root / "eval" / "summary.json")
+    samples = _jsonl(root / "eval" / "samples.jsonl")
+    timings = _json(root / "timings.json")
+    sft, rm, ppo = _json(root / "sft" / "summary.json"), _json(root / "rm" / "summary.json"), _json(root / "ppo" / "summary.json")
+    pipeline = _json(root / "pipeline.json")
+
+    plots = {
+        "training": plot_training(metrics, root / "reward_kl.png"),
+        "frontier": plot_frontier(metrics, evaluation, root / "frontier.png",
+                                  "rm_score" if pipeline.get("ppo_reward") == "rm" and "rm_score" in evaluation else "reward"),
+        "win_rate": plot_win_rate(samples, root / "win_rate.png"),
+    }
+    lines = [f"# palate pipeline report: {root.name}", ""]
+    if pipeline:
+        lines += [f"Task `{pipeline.get('task')}`, base model `{pipeline.get('base_model')}`, PPO maximises "
+                  f"`{'the learned reward model' if pipeline.get('ppo_reward') == 'rm' else 'the task reward function'}`.", ""]
+    if evaluation:
+        lines += [
+            "## Headline",
+            "",
+            "| metric | PPO policy | SFT reference |",
+            "|---|---|---|",
+            f"| win rate vs SFT, held-out labeller ({evaluation.get('n_comparisons')} comparisons) | "
+            f"{_fmt(evaluation.get('win_rate'))} ± {_fmt(evaluation.get('win_rate_stderr'))} | 0.5 |",
+            f"| task reward (mean) | {_fmt(evaluation.get('reward'))} | {_fmt(evaluation.get('reward_reference'))} |",
+        ]
+        if "rm_score" in evaluation:
+            lines.append(f"| reward model score (mean) | {_fmt(evaluation['rm_score'])} | {_fmt(evaluation.get('rm_score_reference'))} |")
+        lines += [
+            f"| held-out labeller utility (mean) | {_fmt(evaluation.get('judge_score'))} | {_fmt(evaluation.get('judge_score_reference'))} |",
+            f"| KL to SFT (nats per completion) | {_fmt(evaluation.get('kl'), 2)} ± {_fmt(evaluation.get('kl_stderr'), 2)} | 0 |",
+            f"| perplexity on held-out Python docs (alignment tax) | {_fmt(evaluation.get('perplexity'), 2)} | {_fmt(evaluation.get('perplexity_reference'), 2)} |",
+            f"| mean length (tokens) | {_fmt(evaluation.get('policy/length_tokens'), 1)} | {_fmt(evaluation.get('reference/length_tokens'), 1)} |",
+            f"| distinct-2 | {_fmt(evaluation.get('policy/distinct_2'))} | {_fmt(evaluation.get('reference/distinct_2'))} |",
+            f"| repeated 3-grams | {_fmt(evaluation.get('policy/repetition_3gram'))} | {_fmt(evaluation.get('reference/repetition_3gram'))} |",
+            "",
+        ]
+    lines += ["## Stages", "", "| stage | wall time (s) | notes |", "|---|---|---|"]
+    notes = {
+        "sft": f"{sft.get('train_examples')} demonstrations, val loss {_fmt(sft.get('sft/val_loss'))}" if sft else "",
+        "rm": f"val accuracy {_fmt(rm.get('rm/val_accuracy'))}, held-out labeller accuracy {_fmt(rm.get('rm/held_out_accuracy'))}" if rm else "",
+        "ppo": f"{ppo.get('iterations')} iterations, final beta {_fmt(ppo.get('kl_coef'), 4)}" if ppo else "",
+        "eval": f"{evaluation.get('n_comparisons')} comparisons on the {evaluation.get('split')} split" if evaluation else "",
+    }
+    for stage in sorted(timings, key=lambda st: PIPELINE_STAGES.index(st) if st in PIPELINE_STAGES else 99):
+        lines.append(f"| {stage} | {timings[stage]} | {notes.get(stage, '')} |")
+    if timings:
+        lines.append(f"| **total** | {round(sum(timings.values()), 1)} | |")
+    lines.append("")
+    if online:
+        lines += ["## Online collection", "", "| before iteration | new labels | RM accuracy on them |", "|---|---|---|"]
+        lines += [f"| {m['step']} | {m.get('online/labels')} | {_fmt(m.get('online/rm_accuracy'))} |" for m in online]
+        lines.append("")
+    lines += ["## Plots", ""]
+    for title, key in (("Reward and KL during PPO", "training"), ("Reward vs KL", "frontier"),
+                       ("Held-out labeller verdicts", "win_rate")):
+        if plots[key] is not None:
+            lines += [f"### {title}", "", f"![{title}]({plots[key].name})", ""]
+    if samples:
+        lines += ["## Samples: the same test prompts before (SFT) and after (PPO)", "",
+                  "| prompt | SFT | PPO | held-out labeller prefers |", "|---|---|---|---|"]
+        seen: set[str] = set()
+        for s in samples:
+            if s["prompt"] in seen:
+                continue
+            seen.add(s["prompt"])
+            lines.append(f"| {_cell(s['prompt'], 80)} | {_cell(s['reference'])} | {_cell(s['policy'])} | {s['held_out_prefers']} |")
+            if len(seen) >= n_samples:
+                break
+        lines.append("")
+    path = root / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    log.info("report written to %s", path)
+    return path

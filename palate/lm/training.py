@@ -1,0 +1,172 @@
+"""The training loop shared by SFT and the reward model, on ``accelerate``.
+
+One loop, so the same command runs on one CPU, one GPU, or ``accelerate launch`` over several
+processes or machines (DDP; FSDP and DeepSpeed through ``accelerate config``). Two choices make a
+multi-process run equal to a one-process run on the same global batch:
+
+* ``split_batches=True``: ``batch_size`` is the *global* batch; each process gets a slice.
+* Losses are *sums* divided by the global count (tokens or comparisons) and multiplied by the
+  number of processes, because DDP averages gradients over processes. Per-process means would
+  weigh a token differently on a process that happened to get shorter sequences.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+T = TypeVar("T")
+
+
+def make_accelerator(cpu: bool = False, mixed_precision: str = "no", gradient_accumulation_steps: int = 1) -> Any:
+    """An ``accelerate.Accelerator`` with the global-batch convention; CPU when no GPU is present."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    return Accelerator(
+        cpu=cpu or not torch.cuda.is_available(),
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
+
+
+def split_train_val(items: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """A seeded random split; at least one validation item when ``fraction > 0`` and there are two items."""
+    if fraction <= 0 or len(items) < 2:
+        return list(items), []
+    order = np.random.default_rng(seed).permutation(len(items))
+    n_val = max(1, int(round(fraction * len(items))))
+    val = [items[i] for i in sorted(order[:n_val])]
+    train = [items[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def make_loader(items: Sequence[Any], batch_size: int, collate: Callable[[list[Any]], Any], *,
+                shuffle: bool, seed: int) -> torch.utils.data.DataLoader:
+    """A DataLoader over pre-tokenised items with a seeded order (``batch_size`` = global batch).
+
+    ``shuffle=True`` marks a training loader (shuffled, short last batch dropped); evaluation
+    loaders keep every item in order.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    # Training drops a short last batch: accelerate would pad it with repeated items on several
+    # processes but not on one, and every optimiser step should see a full global batch anyway.
+    drop_last = shuffle and len(items) >= batch_size
+    return torch.utils.data.DataLoader(list(items), batch_size=batch_size, shuffle=shuffle,
+                                       collate_fn=collate, generator=generator, drop_last=drop_last)
+
+
+def make_optimizer_and_scheduler(model: torch.nn.Module, lr: float, weight_decay: float, warmup_ratio: float,
+                                 steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over trainable parameters; linear warm-up then cosine decay to 10% of ``lr``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]  # norms and biases are not decayed
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    warmup = int(warmup_ratio * steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (what the benchmark compares on CPU)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024, 1)
+
+
+def peak_gpu_mb() -> float | None:
+    """Peak CUDA memory allocated by this process in MiB, or None without a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / (1024 * 1024), 1)
+
+
+class TrainLoop:
+    """Optimiser steps over a (repeated) data loader with gradient accumulation and clipping.
+
+    ``micro_step(batch)`` returns ``loss`` (what to differentiate, already normalised by the global
+    count), ``tokens``, and ratio counters as ``loss_sum``/``n`` and optionally ``correct``/``pairs``:
+    these are summed over micro-batches and processes, so the logged loss and accuracy are exactly
+    the global ones.
+    """
+
+    def __init__(self, accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+                 max_grad_norm: float) -> None:
+        self.accelerator = accelerator
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.max_grad_norm = max_grad_norm
+        self.tokens = 0
+        self.seconds = 0.0
+        self.last: dict[str, float] = {}
+
+    def tokens_per_s(self) -> float:
+        """Real (non-padding) tokens per second over the whole run, all processes together."""
+        return round(self.tokens / self.seconds, 1) if self.seconds > 0 else 0.0
+
+    def _batches(self, loader: Any) -> Iterator[Any]:
+        epoch = 0
+        while True:
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    def run(self, loader: Any, micro_step: Callable[[Any], dict[str, torch.Tensor]],
+            steps: int) -> Iterator[tuple[int, dict[str, float]]]:
+        """Yield ``(step, stats)`` after each of ``steps`` optimiser steps."""
+        acc = self.accelerator
+        self.model.train()
+        counters: dict[str, torch.Tensor] = {}
+        step = 0
+        tick = time.perf_counter()
+        for batch in self._batches(loader):
+            with acc.accumulate(self.model):
+                out = micro_step(batch)
+                acc.backward(out["loss"])
+                grad_norm = None
+                if acc.sync_gradients and self.max_grad_norm > 0:
+                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            for key in ("loss_sum", "n", "correct", "pairs", "tokens"):
+                if key in out:
+                    counters[key] = counters.get(key, 0) + out[key].detach().float()
+            if not acc.sync_gradients:
+                continue
+            step += 1
+            total = {k: float(acc.reduce(v.clone(), "sum")) for k, v in counters.items()}
+            counters = {}
+            now = time.perf_counter()
+            self.seconds += now - tick
+            tick = now
+            self.tokens += int(total.get("tokens", 0))
+            stats = {
+                "loss": total["loss_sum"] / max(total["n"], 1.0),
+                "accuracy": total["correct"] / max(total["pairs"], 1.0) if "pairs" in total else float("nan"),
+                "lr": float(self.scheduler.get_last_lr()[0]),
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "tokens_per_s": self.tokens_per_s(),
+            }
+            self.last = stats
+            yield step, stats
+            tick = time.perf_counter()  # time spent by the caller (evaluation, saving) is not training
+            if step >= steps:
+                return

@@ -1,0 +1,87 @@
+"""Two processes through ``accelerate launch`` (gloo, CPU) give the one-process losses on the same global batch.
+
+This checks the two conventions of :mod:`palate.lm.training`: ``batch_size`` is the global batch
+(each process gets a slice) and losses are global sums over global counts, so the gradient DDP
+averages equals the one-process gradient. Step 2's loss is only equal if step 1's update was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+WORKER = textwrap.dedent("""
+    import sys
+    from palate.lm.reward import RMConfig, train_reward_model
+    from palate.lm.sft import SFTConfig, train_sft
+
+    tmp, runs = sys.argv[1], sys.argv[2]
+    common = dict(max_steps=2, batch_size=4, lr=5e-3, warmup_ratio=0.0, runs_dir=runs, tensorboard=False, seed=3)
+    train_sft(SFTConfig(model=f"{tmp}/tiny", train_data=f"{tmp}/sft.jsonl", val_fraction=0.0, chat=True,
+                        eval_every=100, **common))
+    train_reward_model(RMConfig(model=f"{tmp}/tiny", train_data=f"{tmp}/cmp.jsonl", val_fraction=0.25,
+                                eval_every=100, **common))
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _losses(run: Path, key: str) -> list[float]:
+    return [r[key] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+@pytest.fixture()
+def workdir(tmp_path: Path) -> Path:
+    from palate.lm.testing import tiny_causal_lm
+
+    model, tok = tiny_causal_lm()
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    words = "the sea is blue and the sky is wide and the day is long".split()
+    with open(tmp_path / "sft.jsonl", "w") as fh:
+        for i in range(8):  # different lengths, so per-process token counts differ
+            fh.write(json.dumps({"prompt": f"Say {i} words", "response": " ".join(words[: 2 + i])}) + "\n")
+    with open(tmp_path / "cmp.jsonl", "w") as fh:
+        for i in range(8):
+            k = 2 + i % 3  # K varies (2..4), and one record has a tie
+            ranking = list(range(k)) if i != 5 else [0, 1, 1, 2][:k]
+            fh.write(json.dumps({"prompt": f"Review {i}:", "completions": [" ".join(words[: j + 1 + i]) for j in range(k)],
+                                 "ranking": ranking}) + "\n")
+    (tmp_path / "worker.py").write_text(WORKER)
+    return tmp_path
+
+
+def test_two_gloo_processes_match_one_process(workdir: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    outputs = {}
+    for n in (1, 2):
+        runs = workdir / f"runs{n}"
+        # accelerate 1.15's `--cpu` flag always runs one process; `--multi_gpu` starts torchrun, and
+        # with no GPU present the Accelerator then runs MULTI_CPU over gloo, which is what we test.
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+               str(workdir / "worker.py"), str(workdir), str(runs)]
+        if n == 1:  # one process needs no launcher: run it directly, as a user would
+            cmd = [sys.executable, str(workdir / "worker.py"), str(workdir), str(runs)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[n] = runs
+    for n, runs in outputs.items():
+        assert json.loads((runs / "rm" / "summary.json").read_text())["num_processes"] == n
+    for run, key, count in (("sft", "sft/loss", 2), ("rm", "rm/loss", 2), ("rm", "rm/accuracy", 2),
+                            ("rm", "rm/val_loss", 1), ("rm", "rm/val_accuracy", 1)):
+        one, two = _losses(outputs[1] / run, key), _losses(outputs[2] / run, key)
+        assert len(one) == len(two) == count, (key, one, two)
+        assert one == pytest.approx(two, rel=1e-4, abs=1e-5), (key, one, two)
+    assert _losses(outputs[1] / "sft", "sft/loss")[1] != _losses(outputs[1] / "sft", "sft/loss")[0]

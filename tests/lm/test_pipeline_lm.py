@@ -1,0 +1,62 @@
+"""The pipeline end to end on a tiny model: every stage's run dir, the report, and skipping done stages."""
+
+import json
+
+import pytest
+import torch
+
+from palate.config import config_from_dict
+from palate.lm.pipeline import PipelineConfig, run_pipeline, stage_done
+from palate.lm.testing import tiny_causal_lm
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_runs_every_stage_then_skips_them(tmp_path):
+    model, tok = tiny_causal_lm()
+    base = tmp_path / "tiny"
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    small = {"max_new_tokens": 6, "batch_size": 4}
+    cfg = config_from_dict(PipelineConfig, {
+        "name": "tiny", "runs_dir": str(tmp_path / "runs"), "task": "sentiment", "base_model": str(base),
+        "ppo_reward": "rm",
+        "demos": {"limit": 4, "n": 2, **small},
+        "sft": {"epochs": 1, "batch_size": 2, "max_length": 48, "eval_every": 100, "cpu": True},
+        "label": {"limit": 4, "k": 3, **small},
+        "rm": {"epochs": 1, "batch_size": 2, "max_length": 48, "eval_every": 100, "cpu": True},
+        "ppo": {"iterations": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 6,
+                "device": "cpu", "ptx_coef": 0.1, "ptx_batch_size": 2, "ptx_block_size": 32, "online_every": 1,
+                "online_prompts": 2, "online_k": 3},
+        "eval": {"n_prompts": 3, "samples_per_prompt": 1, "max_new_tokens": 6, "ptx_block_size": 32,
+                 "max_ppl_blocks": 2, "device": "cpu"},
+    })
+    root = run_pipeline(cfg)
+    for stage in ("demos", "sft", "label", "rm", "ppo", "eval"):
+        assert stage_done(root, stage), stage
+    ev = json.loads((root / "eval" / "summary.json").read_text())
+    assert ev["n_comparisons"] == 3 and 0.0 <= ev["win_rate"] <= 1.0 and ev["judge"] == "held_out"
+    assert "rm_score" in ev and ev["perplexity"] > 1.0
+    ppo_config = (root / "ppo" / "config.yaml").read_text()
+    assert str(root / "sft" / "model") in ppo_config and str(root / "rm" / "model") in ppo_config
+    metrics = [json.loads(line) for line in (root / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["phase"] for m in metrics] == ["ppo", "online", "ppo"]
+    assert all("ptx/loss" in m for m in metrics if m["phase"] == "ppo")
+    report = (root / "report.md").read_text()
+    assert "win rate vs SFT" in report and "## Samples" in report
+    for png in ("reward_kl.png", "frontier.png", "win_rate.png"):
+        assert (root / png).stat().st_size > 1000
+
+    # Everything done: a second run only rebuilds the report.
+    mtime = (root / "ppo" / "summary.json").stat().st_mtime
+    run_pipeline(cfg)
+    assert (root / "ppo" / "summary.json").stat().st_mtime == mtime
+    timings = json.loads((root / "timings.json").read_text())
+    assert set(timings) >= {"demos", "sft", "label", "rm", "ppo", "eval", "report"}
