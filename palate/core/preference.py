@@ -101,3 +101,40 @@ def ranking_loss(
     correct = ((diff > 0) & better).sum()
     accuracy = correct.to(rewards.dtype) / n_pairs.sum().clamp_min(1)
     return loss, accuracy
+
+
+def segment_returns(rewards: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_t r_hat(o_t, a_t) over each segment: the quantity the Bradley-Terry model compares.
+
+    Args:
+        rewards: ``[..., L]`` per-step predicted rewards of segments of length ``L``.
+        mask: optional ``[..., L]`` 1 for real steps, 0 for padding, so segments of different
+            lengths can share one batch (a padded step must contribute nothing to the sum).
+    """
+    if mask is None:
+        return rewards.sum(-1)
+    return (rewards * mask.to(rewards.dtype)).sum(-1)
+
+
+def ensemble_disagreement(sum_r1: torch.Tensor, sum_r2: torch.Tensor) -> torch.Tensor:
+    """Variance across ensemble members of the predicted P[s1 > s2]: the query-selection score.
+
+    Christiano et al. 2017 (section 2.2.4) ask the labeller about the pairs on which the
+    ensemble's predictions vary most; the variance is taken on the preference probability, not
+    on the reward difference, so pairs the whole ensemble finds obvious (all probabilities near
+    0 or 1) score low however far apart their returns are.
+
+    Args:
+        sum_r1, sum_r2: ``[M, B]`` summed rewards that each of the ``M`` members gives to each
+            side of ``B`` candidate pairs.
+
+    Returns:
+        ``[B]`` population variance (over members) of sigma(sum_r1 - sum_r2).
+    """
+    if sum_r1.dim() != 2 or sum_r1.shape != sum_r2.shape:
+        raise ValueError(
+            f"ensemble_disagreement expects two [members, pairs] tensors of one shape, "
+            f"got {tuple(sum_r1.shape)} and {tuple(sum_r2.shape)}"
+        )
+    p = torch.sigmoid(sum_r1 - sum_r2)
+    return p.var(dim=0, unbiased=False)
