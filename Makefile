@@ -37,7 +37,10 @@ lint: setup
 	$(PY) -m ruff check palate tests
 	$(PY) -m ruff format --check palate tests
 
+# Peers (SB3, sb3-contrib) come from the `bench` extra, never the runtime deps; the TRL and
+# imitation suites set up their own isolated environments (see docs/benchmarks.md).
 bench: setup
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m palate.bench all
 
 clean:
