@@ -158,7 +158,7 @@ def run_sb3(cfg: Any, algo: str, eval_episodes: int) -> dict[str, Any]:
 
 def run(out_dir: str | Path, envs: Sequence[str] = ("CartPole-v1", "Hopper-v5"), seeds: Sequence[int] = (0, 1, 2),
         steps: dict[str, int] | None = None, algos: Sequence[str] = ("ppo", "trpo"), eval_episodes: int = 10,
-        peers: bool = True) -> dict[str, Any]:
+        peers: bool = True, command: str | None = None) -> dict[str, Any]:
     """Train palate and the peers side by side; write ``rl.json`` and ``rl.md`` to ``out_dir``.
 
     Runs alternate palate / peer per seed, so a machine whose load drifts slows both alike.
@@ -172,7 +172,7 @@ def run(out_dir: str | Path, envs: Sequence[str] = ("CartPole-v1", "Hopper-v5"),
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d"), "machine": machine(), "command": " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d"), "machine": machine(), "command": command,
         "envs": {},
     }
     for env_id in envs:
@@ -282,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         if not n.isdigit():
             parser.error(f"--steps wants ENV=N, got {item!r}")
         steps[env_id] = int(n)
-    results = run(args.out, args.envs, args.seeds, steps, args.algos, args.eval_episodes, peers=not args.no_peers)
+    command = "python -m palate.bench.rl " + " ".join(sys.argv[1:] if argv is None else argv)
+    results = run(args.out, args.envs, args.seeds, steps, args.algos, args.eval_episodes, peers=not args.no_peers,
+                  command=command)
     table = markdown(results)
     print(table)
     if args.update_doc:

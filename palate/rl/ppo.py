@@ -59,24 +59,34 @@ class PPO(OnPolicyAlgorithm):
                 old_dist = policy.distribution(batch.obs)
 
         stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("policy", "value", "entropy", "kl", "clipfrac")}
+        # One minibatch per epoch (e.g. the CartPole preset): whiten once and skip the shuffle,
+        # which changes nothing but the cost.
+        full_batch = cfg.batch_size >= len(batch)
+        if full_batch and cfg.normalize_advantage:
+            batch.advantages = whiten(batch.advantages)
         stopped_early = False
         for _epoch in range(cfg.n_epochs):
-            order = torch.randperm(len(batch), generator=self.generator)
+            order = None if full_batch else torch.randperm(len(batch), generator=self.generator)
             for start in range(0, len(batch), cfg.batch_size):
-                idx = order[start:start + cfg.batch_size]
-                mb = batch.rows(idx)
-                advantages = whiten(mb.advantages) if cfg.normalize_advantage and len(idx) > 1 else mb.advantages
+                idx = None if order is None else order[start:start + cfg.batch_size]
+                mb = batch if idx is None else batch.rows(idx)
+                advantages = mb.advantages
+                if cfg.normalize_advantage and idx is not None and len(idx) > 1:
+                    advantages = whiten(advantages)
                 dist = policy.distribution(mb.obs)
                 logp = dist.log_prob(mb.actions)
-                entropy = dist.entropy().mean()
                 values = policy.value(mb.obs)
                 if old_dist is None:
                     pg_loss, pg_stats = clipped_surrogate_loss(logp, mb.logp, advantages, clip_range)
                 else:
-                    kl = old_dist.rows(idx).kl(dist)
+                    kl = (old_dist if idx is None else old_dist.rows(idx)).kl(dist)
                     pg_loss, pg_stats = kl_penalty_loss(logp, mb.logp, advantages, kl, self.kl_penalty.kl_coef)
                 v_loss, _ = value_loss(values, mb.values, mb.returns, cfg.clip_range_vf)
-                loss = pg_loss - cfg.ent_coef * entropy + cfg.vf_coef * v_loss
+                loss = pg_loss + cfg.vf_coef * v_loss
+                if cfg.ent_coef != 0.0:  # with no bonus the entropy is only logged, once, below
+                    entropy = dist.entropy().mean()
+                    loss = loss - cfg.ent_coef * entropy
+                    stats["entropy"].append(entropy.detach())
                 # SB3's early stop: skip the step that would carry the policy past 1.5 target_kl.
                 if cfg.target_kl is not None and pg_stats["approx_kl"].item() > 1.5 * cfg.target_kl:
                     stopped_early = True
@@ -87,11 +97,13 @@ class PPO(OnPolicyAlgorithm):
                 optimizer.step()
                 stats["policy"].append(pg_loss.detach())
                 stats["value"].append(v_loss.detach())
-                stats["entropy"].append(entropy.detach())
                 stats["kl"].append(pg_stats["approx_kl"])
                 stats["clipfrac"].append(pg_stats.get("clipfrac", torch.zeros(())))
             if stopped_early:
                 break
+        if not stats["entropy"]:
+            with torch.no_grad():
+                stats["entropy"].append(policy.distribution(batch.obs).entropy().mean())
 
         metrics: dict[str, Any] = {
             "charts/learning_rate": lr,
