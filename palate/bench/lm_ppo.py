@@ -3,7 +3,7 @@
 Both trainers start from the same SFT policy, score with the same reward model (palate's, turned
 into a ``LlamaForSequenceClassification`` for TRL), see the same prompts (the ``sentiment`` task's
 train split), the same rollout batch, minibatch, epochs, completion length, learning rate and KL
-coefficient, and train all weights of policy and value. Each arm runs in its own process so its
+coefficient, and train the same weights (``trainable_layers``: the last blocks of policy and value). Each arm runs in its own process so its
 peak memory (max RSS) is its own. Afterwards both final policies are evaluated the same way by
 :func:`palate.lm.evaluate.evaluate_models`: reward-model score and KL to the SFT model on the test
 prompts, and the held-out labeller's win rate against SFT.
@@ -31,14 +31,15 @@ ROOT = Path(__file__).resolve().parents[2]
 TRL_PATH = ROOT / "bench-venvs" / "trl-1.12"
 
 SETTINGS: dict[str, Any] = {
-    "iterations": 4,            # rollout batches
+    "iterations": 3,            # rollout batches
     "batch_size": 8,            # prompts (= completions) per rollout batch
     "mini_batch_size": 4,       # completions per optimiser step
     "ppo_epochs": 2,
     "max_new_tokens": 24,
     "learning_rate": 3e-5,
     "kl_coef": 0.05,
-    "eval_prompts": 19,         # test prompts for the common evaluation (x 2 samples)
+    "trainable_layers": 6,      # both arms train the last 6 blocks of policy and value (CPU budget)
+    "eval_prompts": 12,         # test prompts for the common evaluation (x 2 samples)
     "seed": 0,
 }
 
@@ -87,6 +88,7 @@ def arm_palate(work: Path, sft: str, rm_dir: str) -> dict[str, Any]:
                       batch_size=s["batch_size"], mini_batch_size=s["mini_batch_size"], ppo_epochs=s["ppo_epochs"],
                       max_new_tokens=s["max_new_tokens"], learning_rate=s["learning_rate"], kl_coef=s["kl_coef"],
                       adaptive_kl=False, forward_batch_size=s["batch_size"], device="cpu", seed=s["seed"],
+                      trainable_layers=s["trainable_layers"],
                       runs_dir=str(work), run_name="palate", save_every=10**6, whiten_advantages=True)
     run_dir = prepare_run_dir(cfg.run_dir, {"bench": "lm-ppo"}, overwrite=True)
     trainer = build_trainer(cfg)
@@ -119,6 +121,13 @@ def arm_trl_ppo(work: Path, sft: str, rm_dir: str) -> dict[str, Any]:
     ref = AutoModelForCausalLM.from_pretrained(sft, dtype=torch.float32)
     value = AutoModelForSequenceClassification.from_pretrained(str(hf_rm), num_labels=1, dtype=torch.float32)
     reward = AutoModelForSequenceClassification.from_pretrained(str(hf_rm), num_labels=1, dtype=torch.float32)
+    if s["trainable_layers"]:
+        # The same trainable set as palate's arm; HF's Trainer builds its optimiser from requires_grad.
+        from palate.lm.ppo import freeze_all_but_last_layers
+
+        freeze_all_but_last_layers(policy, s["trainable_layers"])
+        freeze_all_but_last_layers(value, s["trainable_layers"])
+        value.score.requires_grad_(True)
     args = PPOConfig(
         output_dir=str(work / "trl-ppo"), per_device_train_batch_size=s["mini_batch_size"],
         gradient_accumulation_steps=s["batch_size"] // s["mini_batch_size"],

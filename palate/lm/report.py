@@ -176,7 +176,8 @@ def write_report(root: str | Path, n_samples: int = 6) -> Path:
     notes = {
         "sft": f"{sft.get('train_examples')} demonstrations, val loss {_fmt(sft.get('sft/val_loss'))}" if sft else "",
         "rm": f"val accuracy {_fmt(rm.get('rm/val_accuracy'))}, held-out labeller accuracy {_fmt(rm.get('rm/held_out_accuracy'))}" if rm else "",
-        "ppo": f"{ppo.get('iterations')} iterations, final beta {_fmt(ppo.get('kl_coef'), 4)}" if ppo else "",
+        "ppo": (f"{ppo.get('iterations')} iterations, {sum(m.get('time/rollout_s', 0) + m.get('time/update_s', 0) for m in metrics):.0f} s "
+                f"of rollout + update (all sessions, if resumed), final beta {_fmt(ppo.get('kl_coef'), 4)}") if ppo else "",
         "eval": f"{evaluation.get('n_comparisons')} comparisons on the {evaluation.get('split')} split" if evaluation else "",
     }
     for stage in sorted(timings, key=lambda st: PIPELINE_STAGES.index(st) if st in PIPELINE_STAGES else 99):
