@@ -41,6 +41,9 @@ lint: setup
 # imitation suites set up their own isolated environments (see docs/benchmarks.md).
 bench: setup
 	$(PY) -m pip install -q -e ".[bench]"
+	# TRL for the LM suites, outside the venv so no pinned version moves (its deps are palate's).
+	test -d bench-venvs/trl || $(PY) -m pip install -q --no-deps --target bench-venvs/trl trl==1.16.0
+	test -d bench-venvs/trl-1.12 || $(PY) -m pip install -q --no-deps --target bench-venvs/trl-1.12 trl==1.12.0
 	$(PY) -m palate.bench all
 
 clean:
