@@ -212,6 +212,9 @@ def plot_return_vs_labels(rows: list[dict[str, Any]], path: Path) -> None:
         xs = [p[0] for p in pts]
         ax.errorbar(xs, [np.mean(p[1]) for p in pts], yerr=[np.std(p[1]) for p in pts], marker="o", label="palate")
         for k, v in groups.items():
+            if k[0] == env and k[1].startswith("imitation"):
+                ax.errorbar([k[3]], [np.mean([r["eval_true_return_mean"] for r in v])],
+                            yerr=[np.std([r["eval_true_return_mean"] for r in v])], marker="s", ls="", label="imitation")
             if k[0] == env and k[1] == "true reward":
                 ax.axhline(np.mean([r["eval_true_return_mean"] for r in v]), ls="--", c="k", label="true reward")
         ax.set_xscale("log")
