@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,6 +40,31 @@ def atomic_write(path: str | Path, writer: Callable[[Any], None], mode: str = "w
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_dir(directory: str | Path, writer: Callable[[Path], None]) -> Path:
+    """Call ``writer(tmp_dir)`` on a fresh sibling directory, then swap it in for ``directory``.
+
+    The old directory is moved aside before the new one takes its name and removed only after,
+    so a failure at any point leaves either the old or the new directory complete, never a mix.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        writer(tmp)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -37,3 +37,22 @@ def test_run_dir_refuses_to_clobber_and_metrics_round_trip(tmp_path):
     assert records[0]["bad"] is None
     with pytest.raises(CheckpointError, match="not a palate run directory"):
         read_run_config(tmp_path / "nope")
+
+
+def test_atomic_write_dir_replaces_whole_directory_or_nothing(tmp_path):
+    from palate.runs import atomic_write_dir
+
+    target = tmp_path / "model"
+    atomic_write_dir(target, lambda d: (d / "a.txt").write_text("v1"))
+    assert (target / "a.txt").read_text() == "v1"
+
+    def fails(d):
+        (d / "a.txt").write_text("v2-partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write_dir(target, fails)
+    assert (target / "a.txt").read_text() == "v1"
+    atomic_write_dir(target, lambda d: (d / "b.txt").write_text("v2"))
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -23,8 +23,6 @@ import copy
 import dataclasses
 import json
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,6 +47,7 @@ from palate.lm.generation import (
 )
 from palate.lm.pretrain_text import PretrainBatches, lm_nll
 from palate.lm.rl_configs import LMPPOConfig
+from palate.lm.sft import save_causal_lm
 from palate.runs import (
     MetricsLogger,
     atomic_torch_save,
@@ -542,21 +541,7 @@ class LMPPOTrainer:
         """The trained policy as a plain transformers directory (LoRA merged) + tokenizer, atomically."""
         if not self.accelerator.is_main_process:
             return directory
-        policy = self.unwrapped.policy
-        if hasattr(policy, "merge_and_unload"):
-            policy = copy.deepcopy(policy).merge_and_unload()
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
-            policy.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            if directory.exists():
-                shutil.rmtree(directory)
-            tmp.rename(directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return directory
+        return save_causal_lm(self.unwrapped.policy, self.tokenizer, directory)
 
 
 class _nullcontext:

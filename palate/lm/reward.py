@@ -24,8 +24,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -41,6 +39,7 @@ from palate.errors import ConfigError, ModelError
 from palate.lm.configs import RMConfig
 from palate.lm.formatting import encode_prompt_completion, last_token_index, pad_batch, position_ids_from_mask
 from palate.lm.models import LoraSettings
+from palate.runs import atomic_write_dir
 
 __all__ = ["RMConfig", "RewardModel", "load_reward_model", "train_reward_model"]
 
@@ -167,10 +166,7 @@ class RewardModel(nn.Module):
         """
         from safetensors.torch import save_file
 
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        def write(tmp: Path) -> None:
             backbone = self.backbone.merge_and_unload() if hasattr(self.backbone, "merge_and_unload") else self.backbone
             backbone.save_pretrained(tmp)
             tensors = {
@@ -186,18 +182,8 @@ class RewardModel(nn.Module):
             (tmp / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(directory, old)
-                os.replace(tmp, directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return directory
+
+        return atomic_write_dir(directory, write)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str], *, dtype: str = "float32",

@@ -19,8 +19,6 @@ import copy
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +31,7 @@ from palate.config import config_to_dict
 from palate.errors import ConfigError
 from palate.lm.configs import SFTConfig
 from palate.lm.formatting import encode_prompt_completion, encode_text_pair, format_messages, pad_batch
+from palate.runs import atomic_write_dir
 
 log = logging.getLogger(__name__)
 
@@ -83,26 +82,14 @@ def save_causal_lm(model: Any, tokenizer: Any, directory: str | os.PathLike[str]
 
     A PEFT model is merged on a copy first, so training can continue with its adapters.
     """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "merge_and_unload"):
         model = copy.deepcopy(model).merge_and_unload()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+
+    return atomic_write_dir(directory, write)
 
 
 @torch.no_grad()
