@@ -45,6 +45,14 @@ from palate.lm.generation import (
     position_ids_from_mask,
     sample,
 )
+from palate.lm.prefix import (
+    decoder_base,
+    forward_capture,
+    forward_suffix,
+    prefix_equal,
+    prefix_frozen,
+    suffix_matches,
+)
 from palate.lm.pretrain_text import PretrainBatches, lm_nll
 from palate.lm.rl_configs import LMPPOConfig
 from palate.lm.sft import save_causal_lm
@@ -83,12 +91,22 @@ class ValueModel(nn.Module):
         self.head = head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
+                start: int = 0) -> torch.Tensor:
+        """``[B, L]`` values; with ``prefix`` (the hidden state entering block ``start``, see
+        :mod:`palate.lm.prefix`) only blocks ``start..`` run."""
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False).last_hidden_state
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        out = self.backbone(**inputs) if prefix is None else forward_suffix(self.backbone, prefix, start, **inputs)
+        return self.head(out.last_hidden_state.to(self.head.weight.dtype)).squeeze(-1)
+
+    def forward_capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                        start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, hidden state entering block start)`` from one full forward."""
+        out, hidden = forward_capture(self.backbone, start, input_ids=input_ids, attention_mask=attention_mask,
+                                      position_ids=position_ids, use_cache=False)
+        return self.head(out.last_hidden_state.to(self.head.weight.dtype)).squeeze(-1), hidden
 
     @classmethod
     def from_causal_lm(cls, model: nn.Module) -> ValueModel:
@@ -130,15 +148,28 @@ class PolicyAndValue(nn.Module):
         super().__init__()
         self.policy = policy
         self.value = value
+        # First trained block of each network when the frozen-prefix cache is on (0 = off).
+        self.policy_start = 0
+        self.value_start = 0
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int,
-                ptx_ids: torch.Tensor | None = None
+                ptx_ids: torch.Tensor | None = None, policy_prefix: torch.Tensor | None = None,
+                value_prefix: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(response logits [B,R,V], values [B,R], ptx NLL or None)``."""
+        """``(response logits [B,R,V], values [B,R], ptx NLL or None)``.
+
+        ``policy_prefix`` / ``value_prefix``: cached hidden states entering the first trained
+        block (:mod:`palate.lm.prefix`); the frozen blocks below are then not run again.
+        """
         position_ids = position_ids_from_mask(attention_mask)
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).logits[:, query_len - 1:-1]
-        values = self.value(input_ids, attention_mask, position_ids)[:, query_len - 1:-1]
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        if policy_prefix is None:
+            out = self.policy(**inputs)
+        else:
+            out = forward_suffix(self.policy, policy_prefix, self.policy_start, **inputs)
+        logits = out.logits[:, query_len - 1:-1]
+        values = self.value(input_ids, attention_mask, position_ids, value_prefix,
+                            self.value_start)[:, query_len - 1:-1]
         ptx = lm_nll(self.policy, ptx_ids) if ptx_ids is not None else None
         return logits, values, ptx
 
@@ -191,6 +222,9 @@ class Rollout:
     kl: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    # Hidden states entering the first trained block (frozen-prefix cache), or None.
+    policy_prefix: torch.Tensor | None = None
+    value_prefix: torch.Tensor | None = None
 
 
 class PromptSampler:
@@ -274,6 +308,9 @@ class LMPPOTrainer:
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         self.unwrapped: PolicyAndValue = self.accelerator.unwrap_model(self.model)
+        self.ref_shares_prefix = False
+        if cfg.cache_frozen_prefix and cfg.trainable_layers > 0:
+            self._setup_prefix_cache(cfg.trainable_layers)
 
         if cfg.adaptive_kl:
             self.kl_ctl: Any = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.k_beta)
@@ -287,26 +324,63 @@ class LMPPOTrainer:
 
     # -- rollout ---------------------------------------------------------------------------
 
+    def _setup_prefix_cache(self, trainable_layers: int) -> None:
+        """Turn the frozen-prefix cache on for each network whose lower blocks are frozen and whose
+        suffix forward reproduces its full forward (checked here, on this model)."""
+        net = self.unwrapped
+        vocab = int(getattr(net.policy.config, "vocab_size", 0) or len(self.tokenizer))
+        for name, module, output in (("policy", net.policy, "logits"), ("value", net.value.backbone, "last_hidden_state")):
+            base = decoder_base(module)
+            start = len(base.layers) - trainable_layers if base is not None else 0
+            if base is not None and prefix_frozen(module, start) and suffix_matches(module, start, vocab, self.device,
+                                                                                     output):
+                setattr(net, f"{name}_start", start)
+        if net.policy_start and self.reference is not None:
+            self.ref_shares_prefix = prefix_equal(net.policy, self.reference, net.policy_start)
+        log.info("frozen-prefix cache: policy from block %d, value from block %d, reference shares it: %s "
+                 "(0 = full passes)", net.policy_start, net.value_start, self.ref_shares_prefix)
+
     @torch.no_grad()
-    def _forward_rollout(self, batch: RolloutBatch) -> tuple[torch.Tensor, ...]:
-        """Rollout-time log pi, log rho, entropy and V, in chunks of ``forward_batch_size``."""
-        cfg = self.cfg
+    def _forward_rollout(self, batch: RolloutBatch) -> tuple[torch.Tensor | None, ...]:
+        """Rollout-time log pi, log rho, entropy, V and the cached prefixes, in chunks of
+        ``forward_batch_size``."""
+        cfg, net = self.cfg, self.unwrapped
         outs: list[tuple[torch.Tensor, ...]] = []
         for start in range(0, len(batch), cfg.forward_batch_size):
             mb = batch.select(torch.arange(start, min(start + cfg.forward_batch_size, len(batch)))).to(self.device)
-            logits, values, _ = self.unwrapped(mb.input_ids, mb.attention_mask, mb.query_ids.shape[1])
+            p = mb.query_ids.shape[1]
+            position_ids = position_ids_from_mask(mb.attention_mask)
+            inputs = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=position_ids,
+                          use_cache=False)
+            policy_prefix = value_prefix = None
+            if net.policy_start:
+                out, policy_prefix = forward_capture(net.policy, net.policy_start, **inputs)
+            else:
+                out = net.policy(**inputs)
+            logits = out.logits[:, p - 1:-1]
+            del out
+            if net.value_start:
+                values, value_prefix = net.value.forward_capture(mb.input_ids, mb.attention_mask, position_ids,
+                                                                 net.value_start)
+            else:
+                values = net.value(mb.input_ids, mb.attention_mask, position_ids)
+            values = values[:, p - 1:-1]
             logp, ent = logits_to_logprobs(logits, mb.response_ids, cfg.temperature)
-            ref_logits = self._reference_logits(mb)
+            del logits
+            ref_logits = self._reference_logits(mb, policy_prefix)
             ref_logp, _ = logits_to_logprobs(ref_logits, mb.response_ids, cfg.temperature)
+            del ref_logits
             m = mb.response_mask.float()
-            outs.append((logp * m, ref_logp * m, ent * m, values.float() * m))
-            del logits, ref_logits
-        return tuple(torch.cat(parts).cpu() for parts in zip(*outs))
+            outs.append((logp * m, ref_logp * m, ent * m, values.float() * m, policy_prefix, value_prefix))
+        return tuple(None if parts[0] is None else torch.cat(parts).cpu() for parts in zip(*outs))
 
-    def _reference_logits(self, mb: RolloutBatch) -> torch.Tensor:
+    def _reference_logits(self, mb: RolloutBatch, policy_prefix: torch.Tensor | None = None) -> torch.Tensor:
         p = mb.query_ids.shape[1]
         kwargs = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
                       position_ids=position_ids_from_mask(mb.attention_mask), use_cache=False)
+        if self.reference is not None and self.ref_shares_prefix and policy_prefix is not None:
+            # rho's lower blocks are the policy's frozen ones: start from the policy's prefix.
+            return forward_suffix(self.reference, policy_prefix, self.unwrapped.policy_start, **kwargs).logits[:, p - 1:-1]
         if self.reference is not None:
             return self.reference(**kwargs).logits[:, p - 1:-1]
         # LoRA: rho is the very same weights with the adapters switched off (no extra memory).
@@ -320,9 +394,11 @@ class LMPPOTrainer:
         batch = sample(self.unwrapped.policy, self.tokenizer, [self.prompt_ids[i] for i in index],
                        self.max_new_tokens, cfg.temperature)
         completions = decode_responses(self.tokenizer, batch)
-        logp, ref_logp, entropy, values = self._forward_rollout(batch)
+        logp, ref_logp, entropy, values, policy_prefix, value_prefix = self._forward_rollout(batch)
         scores = torch.as_tensor(self.score_fn(prompts, completions), dtype=torch.float32).detach().cpu().view(-1)
-        return self._shape(batch, prompts, completions, scores, logp, ref_logp, values, entropy)
+        ro = self._shape(batch, prompts, completions, scores, logp, ref_logp, values, entropy)
+        ro.policy_prefix, ro.value_prefix = policy_prefix, value_prefix
+        return ro
 
     def _shape(self, batch: RolloutBatch, prompts: list[str], completions: list[str], scores: torch.Tensor,
                logp: torch.Tensor, ref_logp: torch.Tensor, values: torch.Tensor, entropy: torch.Tensor) -> Rollout:
@@ -390,8 +466,11 @@ class LMPPOTrainer:
         ptx_ids = None
         if self.ptx is not None:
             ptx_ids = next(self.ptx)[: max(1, cfg.ptx_batch_size // cfg.gradient_accumulation_steps)].to(self.device)
+        prefixes = [None if t is None else t[idx][:, :mb.input_ids.shape[1]].to(self.device)
+                    for t in (ro.policy_prefix, ro.value_prefix)]
         with self.accelerator.autocast():
-            logits, vpred, ptx_nll = self.model(mb.input_ids, mb.attention_mask, mb.query_ids.shape[1], ptx_ids)
+            logits, vpred, ptx_nll = self.model(mb.input_ids, mb.attention_mask, mb.query_ids.shape[1], ptx_ids,
+                                                *prefixes)
         logp, ent = logits_to_logprobs(logits, mb.response_ids, cfg.temperature)
         pg_loss, pg_stats = clipped_surrogate_loss(logp, take(ro.logprobs), take(ro.advantages), cfg.clip_range, mask)
         vf_loss, vf_stats = value_loss(vpred.float(), take(ro.values), take(ro.returns), cfg.clip_range_vf, mask)

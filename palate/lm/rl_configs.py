@@ -58,6 +58,8 @@ class LMPPOConfig:
     lora_r: int = doc_field(0, "LoRA rank for policy and value (0 = train the weights themselves)")
     lora_alpha: int = doc_field(32, "LoRA alpha")
     trainable_layers: int = doc_field(0, "train only the last N transformer blocks (0 = all); cheap on CPU")
+    cache_frozen_prefix: bool = doc_field(
+        True, "with trainable_layers: run the frozen lower blocks once per rollout, not in every update step")
     iterations: int = doc_field(20, "PPO iterations (rollout + update)")
     online_every: int = doc_field(0, "every M iterations collect new comparisons and retrain the RM (0 = off)")
     online_prompts: int = doc_field(8, "prompts per online collection round")

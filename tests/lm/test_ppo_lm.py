@@ -140,3 +140,31 @@ def test_resume_continues_bit_for_bit(tmp_path):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), key
     assert (tmp_path / "b" / "model" / "config.json").is_file()
     assert (tmp_path / "b" / "summary.json").is_file()
+
+
+def test_frozen_prefix_cache_gives_the_same_updates_as_full_passes():
+    """With only the top block trained, the cached-prefix path must follow the full-pass path."""
+    from palate.lm.ppo import freeze_all_but_last_layers
+
+    def run(cache):
+        cfg = LMPPOConfig(reward_fn="x", batch_size=4, mini_batch_size=2, iterations=2, learning_rate=1e-2,
+                          max_new_tokens=6, device="cpu", ppo_epochs=2, trainable_layers=1, cache_frozen_prefix=cache)
+        seed_everything(0)
+        model, tok = tiny_causal_lm(seed=0)
+        value = ValueModel.from_causal_lm(model)
+        reference = copy.deepcopy(model)
+        freeze_all_but_last_layers(model, 1)
+        freeze_all_but_last_layers(value.backbone, 1)
+        trainer = LMPPOTrainer(cfg, model, tok, value, count_e, PROMPTS, lambda p: tok.encode(p), reference=reference)
+        metrics = [trainer.step()[0] for _ in range(cfg.iterations)]
+        return trainer, metrics
+
+    cached, m_cached = run(True)
+    full, m_full = run(False)
+    assert (cached.unwrapped.policy_start, cached.unwrapped.value_start, cached.ref_shares_prefix) == (1, 1, True)
+    assert (full.unwrapped.policy_start, full.unwrapped.value_start) == (0, 0)
+    for a, b in zip(m_cached, m_full):
+        for key in ("objective/reward", "objective/kl", "losses/policy_loss", "losses/value_loss", "ppo/clipfrac"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    for (name, p), q in zip(cached.unwrapped.named_parameters(), full.unwrapped.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
