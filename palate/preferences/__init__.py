@@ -3,8 +3,10 @@
 The agent never sees the environment's reward. It learns r_hat(o, a) from comparisons of pairs
 of trajectory segments and optimises it with PPO or TRPO::
 
-    from palate.preferences import PreferenceConfig, train_preferences
+    from palate.preferences import PreferenceConfig, resume_preferences, train_preferences
     summary = train_preferences(PreferenceConfig(env="Pendulum-v1", labels=200, steps=60_000))
+    # After a crash or Ctrl-C: continue from the last round (here also on to more steps).
+    summary = resume_preferences("runs/prefs-Pendulum-v1-ppo-0", steps=100_000)
 
 The parts are injected into one loop and each can be used alone: :class:`TrajectoryPool` and
 :class:`Segment` (segments), :class:`RewardEnsemble` (reward model), :class:`RandomSelector` /
@@ -27,6 +29,7 @@ _EXPORTS = {
     "Query": "labellers", "Answer": "labellers",
     "LabelStore": "storage", "LabelledComparison": "storage", "load_labels": "storage",
     "PreferenceConfig": "loop", "PreferenceTrainer": "loop", "train_preferences": "loop",
+    "resume_preferences": "loop",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -2,6 +2,7 @@
 
     palate prefs train --env Hopper-v5 --algo trpo --labeller synthetic --labels 700 --steps 1e6
     palate prefs train --config configs/prefs/pendulum.yaml --labels-from runs/prefs-a
+    palate prefs resume runs/prefs-Hopper-v5-trpo-0 [--steps 2e6]
 
 Flags are the fields of :class:`palate.preferences.loop.PreferenceConfig`; ``--config`` reads the
 same fields from YAML (flags win). Heavy imports happen inside the handler.
@@ -29,7 +30,8 @@ def add_parser(subparsers: Any) -> None:
     train = sub.add_parser(
         "train", help="train a policy on a reward learned from synthetic or human comparisons",
         description="Interleave PPO/TRPO on r_hat, labelling of clip pairs and reward-model fitting. "
-        "Writes runs/<name>/: config.yaml, metrics.jsonl, labels.jsonl + segments/, reward_model.pt, "
+        "Writes runs/<name>/: config.yaml, metrics.jsonl, labels.jsonl + segments/, prefs_state.pt (the "
+        "checkpoint `palate prefs resume` continues from, rewritten every round), reward_model.pt, "
         "policy/checkpoint.pt, summary.json.",
     )
     train.add_argument("--config", metavar="YAML", help="a YAML file of PreferenceConfig fields (flags override it)")
@@ -37,6 +39,19 @@ def add_parser(subparsers: Any) -> None:
     train.add_argument("--rl", dest="rl_yaml", metavar="YAML_MAPPING",
                        help="PPO/TRPO fields as an inline YAML mapping, e.g. '{n_envs: 4, n_steps: 512}'")
     train.set_defaults(func=_train)
+
+    resume = sub.add_parser(
+        "resume", help="continue a run stopped by a crash or Ctrl-C from its last round",
+        description="Continue runs/<name> from prefs_state.pt (written after every round) to its `steps`, or to "
+        "--steps. Settings come from the run's config.yaml. Labels already in labels.jsonl are kept and "
+        "learned from, never asked again; metrics.jsonl records after the checkpoint are logged again. "
+        "Clip pairs still waiting for a human when the run stopped are dropped (see docs/preferences.md).",
+    )
+    resume.add_argument("run", metavar="RUN_DIR", help="the run directory (runs/<name>)")
+    resume.add_argument("--steps", type=_step_count, default=None,
+                        help="new policy-step target, above the checkpoint's (default: the run's `steps`)")
+    resume.add_argument("--no-progress", action="store_true", help="no progress bar")
+    resume.set_defaults(func=_resume)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -59,5 +74,27 @@ def _train(args: argparse.Namespace) -> int:
         base["rl"] = {**base.get("rl", {}), **rl}
     cfg = config_from_args(PreferenceConfig, args, base=base)
     summary = train_preferences(cfg)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _step_count(text: str) -> int:
+    """``--steps`` accepts 2000000, 2e6 or 2_000_000."""
+    try:
+        value = float(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of steps like 2e6, got {text!r}") from None
+    if value <= 0 or value != int(value):
+        raise argparse.ArgumentTypeError(f"expected a positive whole number of steps, got {text!r}")
+    return int(value)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from palate.preferences.loop import PreferenceTrainer
+
+    trainer = PreferenceTrainer.resume(args.run, steps=args.steps)
+    if args.no_progress:
+        trainer.cfg.progress = False
+    summary = trainer.train()
     print(json.dumps(summary, indent=2, default=str))
     return 0

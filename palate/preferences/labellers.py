@@ -14,7 +14,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -167,6 +167,15 @@ class SyntheticOracle:
     def close(self) -> None:
         self._ready = []
 
+    def state_dict(self) -> dict[str, Any]:
+        """The RNG and the running return scale: what a resumed run needs to answer as this one would."""
+        return {"rng": self.rng.bit_generator.state,
+                "moments": (self.moments.n, self.moments.mean, self.moments.m2)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.moments.n, self.moments.mean, self.moments.m2 = state["moments"]
+
 
 # --------------------------------------------------------------------------- human labeller
 
@@ -220,6 +229,7 @@ class HumanLabeller:
         self.redundancy = redundancy
         self.poll_interval = poll_interval
         self._task_to_query: dict[int, str] = {}
+        self._earlier: set[str] = set()
         client.ensure_project(project, "palate preference learning: compare two clips")
         _, self._cursor = client.answers_since(project, 0)
 
@@ -238,18 +248,31 @@ class HumanLabeller:
             self._task_to_query[int(task_id)] = q.id
             log.debug("comparison %s is task %s of project %s", q.id, task_id, self.project)
 
+    def skip_earlier(self, comparison_ids: Iterable[str]) -> None:
+        """Skip, rather than reject, late answers to these comparisons (a resumed run's old ones).
+
+        A resumed run starts a new labeller, which never created the tasks of the interrupted
+        one; people may still answer those tasks. Their answers stay in the feedback service
+        (``palate feedback export``) but no longer reach this run.
+        """
+        self._earlier.update(comparison_ids)
+
     def collect(self, timeout: float = 0.0) -> list[Answer]:
         deadline = time.monotonic() + timeout
         while True:
             raw, self._cursor = self.client.answers_since(self.project, self._cursor)
-            answers = [self._to_answer(a) for a in raw]
+            answers = [a for a in map(self._to_answer, raw) if a is not None]
             if answers or time.monotonic() >= deadline:
                 return answers
             time.sleep(min(self.poll_interval, max(0.0, deadline - time.monotonic())))
 
-    def _to_answer(self, raw: dict[str, Any]) -> Answer:
+    def _to_answer(self, raw: dict[str, Any]) -> Answer | None:
         task_id = int(raw["task_id"])
         comparison = self._task_to_query.get(task_id)
+        if comparison is None and raw.get("external_id") in self._earlier:
+            log.info("skipping a late answer to comparison %s, asked before this run was resumed",
+                     raw.get("external_id"))
+            return None
         if comparison is None:
             raise PreferenceError(
                 f"the feedback service returned a label for task {task_id} (comparison "

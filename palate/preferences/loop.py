@@ -19,6 +19,26 @@ Human labellers answer asynchronously: a background thread submits queries from 
 and records answers as they come. When the queue is full the loop drops new clips (they were
 never shown, nothing is lost); an answer, whenever it arrives, is written to labels.jsonl before
 anything else happens to it, so labels are never dropped.
+
+Resuming. After the random-policy labels (step 0) and after every round, the loop rewrites one
+file, ``prefs_state.pt``, atomically (a crash leaves the previous checkpoint or the new one):
+
+    format, step, env, algo   "palate.prefs/1", the policy step, what the run is
+    policy                    the palate.rl checkpoint dict of PPO/TRPO (weights, optimisers,
+                              normalisation statistics, its RNG, the last observations); None at step 0
+    counters                  asked, answered, random_steps, dropped_clips
+    labels                    how many lines of labels.jsonl the reward model has absorbed, the
+                              queries still waiting for an answer, the next segment shard number
+    resume                    bytes, a pickle of: the reward ensemble's state_dict, the trajectory
+                              pool (open episodes included), the loop's RNG, the global RNGs
+                              (torch draws dropout masks from them), the selector's and the
+                              labeller's state_dict (the oracle's RNG and return scale), and a
+                              snapshot of the vector env (None where it cannot be pickled)
+
+The labels themselves are not copied into it: labels.jsonl + segments/ are the record, and a
+resumed run rebuilds its dataset from them (:meth:`PreferenceTrainer._restore`). With the
+synthetic oracle and picklable environments, a run resumed from a round's end is bit-for-bit the
+uninterrupted run (``tests/preferences/test_prefs_resume.py``).
 """
 
 from __future__ import annotations
@@ -36,13 +56,18 @@ from typing import Any, Literal
 import numpy as np
 
 from palate.config import config_from_dict, config_to_dict, doc_field
-from palate.errors import ConfigError, PreferenceError
+from palate.errors import CheckpointError, ConfigError, PreferenceError
 
 log = logging.getLogger(__name__)
 
 #: MuJoCo locomotion tasks whose early termination can be switched off (fixed-length episodes).
 _TERMINATING_MUJOCO = ("Hopper", "Walker2d", "Ant", "Humanoid", "HumanoidStandup", "InvertedPendulum",
                        "InvertedDoublePendulum")
+#: The loop's checkpoint in the run directory, rewritten after every round.
+CHECKPOINT_FILE = "prefs_state.pt"
+CHECKPOINT_FORMAT = "palate.prefs/1"
+#: config.yaml keys only a preference run has (tells it from a `palate rl` run).
+_PREFS_KEYS = frozenset({"labels", "segment_length", "labeller"})
 #: Environments that keep simulating, with zero reward, after they report termination; with
 #: fixed-length episodes their termination is ignored until the time limit.
 _CONTINUE_AFTER_TERMINATION = ("CartPole",)
@@ -178,16 +203,9 @@ class FallPenalty:
     """Subtract ``penalty`` from the reward of every step the robot is unhealthy (has fallen)."""
 
     def __new__(cls, env: Any, penalty: float) -> Any:
-        import gymnasium as gym
+        from palate.preferences.wrappers import FallPenaltyWrapper
 
-        class _Penalty(gym.Wrapper):
-            def step(self, action: Any) -> Any:
-                obs, reward, terminated, truncated, info = self.env.step(action)
-                if not self.env.unwrapped.is_healthy:
-                    reward = float(reward) - penalty
-                return obs, reward, terminated, truncated, info
-
-        return _Penalty(env)
+        return FallPenaltyWrapper(env, penalty)
 
 
 class IgnoreTermination:
@@ -196,23 +214,14 @@ class IgnoreTermination:
     CartPole pays +1 per step until the pole falls, then 0 while the physics carry on; its
     reward is constant while upright, so two clips of equal length would compare as equal. Run to
     the time limit instead, and a clip where the pole falls scores less, which is what a person
-    comparing them sees. Built as a ``gymnasium.Wrapper`` subclass lazily to keep this module's
-    import light.
+    comparing them sees. The wrapper lives in :mod:`palate.preferences.wrappers` (picklable, so
+    a resumed run can continue its episodes) and is imported lazily to keep this module light.
     """
 
     def __new__(cls, env: Any) -> Any:
-        import warnings
+        from palate.preferences.wrappers import IgnoreTerminationWrapper
 
-        import gymnasium as gym
-
-        class _Ignore(gym.Wrapper):
-            def step(self, action: Any) -> Any:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # "step() called after terminated": intended
-                    obs, reward, _terminated, truncated, info = self.env.step(action)
-                return obs, reward, False, truncated, info
-
-        return _Ignore(env)
+        return IgnoreTerminationWrapper(env)
 
 
 # --------------------------------------------------------------------------- labelling channels
@@ -361,6 +370,7 @@ class PreferenceTrainer:
         self.policy: Any = None
         self._vec_env: Any = None
         self.random_steps = 0
+        self._resume_state: dict[str, Any] | None = None  # set by resume(): train() continues it
 
     # ------------------------------------------------------------------ parts
     def _build_labeller(self) -> Any:
@@ -386,23 +396,38 @@ class PreferenceTrainer:
         client = FeedbackClient(cfg.feedback_url, token)
         return HumanLabeller(client, SegmentRenderer(cfg.env, self.env_factory), project=cfg.feedback_project or cfg.name)
 
-    def _build_policy(self) -> Any:
+    def _algo_classes(self) -> tuple[Any, Any]:
         from palate import rl
 
-        cfg = self.cfg
-        if cfg.algo == "trpo":
+        if self.cfg.algo == "trpo":
             if not hasattr(rl, "TRPO"):
                 raise PreferenceError("algo 'trpo' needs palate.rl.TRPO, which this install lacks; use --algo ppo")
-            algo_cls, config_cls = rl.TRPO, rl.TRPOConfig
-        else:
-            algo_cls, config_cls = rl.PPO, rl.PPOConfig
+            return rl.TRPO, rl.TRPOConfig
+        return rl.PPO, rl.PPOConfig
+
+    def _build_policy(self) -> Any:
+        cfg = self.cfg
+        algo_cls, config_cls = self._algo_classes()
         fields = {"env": cfg.env, "seed": cfg.seed, "torch_threads": cfg.torch_threads, **cfg.rl,
                   "total_steps": cfg.steps}
         rl_cfg = config_from_dict(config_cls, fields, source="PreferenceConfig.rl")
         return algo_cls(rl_cfg, reward_fn=self.model.predict, rollout_callback=self.pool.add_rollout)
 
+    def _make_vec_env(self, sub_envs: list[Any] | None = None) -> Any:
+        """The run's one vector env (``sub_envs``: environments restored from a checkpoint)."""
+        from palate.rl.envs import make_vec_env
+
+        vec_env, _ = make_vec_env(self.env_factory, self.policy.config.n_envs, self.policy.config.vec_env, sub_envs)
+        vec_env.spec = self._env_spec  # so checkpoints name the env id, not "SyncVectorEnv"
+        return vec_env
+
     def _channel(self, store: Any) -> Any:
         labeller = self._labeller if self._labeller is not None else self._build_labeller()
+        if self._resume_state is not None and hasattr(labeller, "skip_earlier"):
+            from palate.preferences.storage import saved_comparison_ids
+
+            # Tasks of the interrupted run may still be answered; this labeller never made them.
+            labeller.skip_earlier(saved_comparison_ids(self.run_dir))
         if getattr(labeller, "asynchronous", False):
             return _AsyncChannel(labeller, store, self.cfg.max_pending)
         return _SyncChannel(labeller, store)
@@ -480,23 +505,45 @@ class PreferenceTrainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, Any]:
-        """Run the whole loop; returns (and writes) the run summary."""
+        """Run the whole loop, or continue it after :meth:`resume`; returns (and writes) the run summary."""
         import torch
 
         from palate.preferences.selection import RandomSelector
-        from palate.preferences.storage import LabelStore, load_labels
-        from palate.runs import MetricsLogger, atomic_write_json, prepare_run_dir, seed_everything
+        from palate.preferences.storage import LabelStore, drop_torn_tail, load_labels
+        from palate.runs import (
+            MetricsLogger,
+            atomic_write_json,
+            atomic_write_text,
+            prepare_run_dir,
+            read_run_config,
+            seed_everything,
+            truncate_metrics,
+        )
 
         cfg = self.cfg
         start = time.perf_counter()
-        seed_everything(cfg.seed)
-        # Read reused labels first: a bad --labels-from fails before anything is written.
-        reused = load_labels(cfg.labels_from, obs_shape=tuple(self.observation_space.shape),
-                             include_cant_tell=True) if cfg.labels_from else []
-        run_dir = prepare_run_dir(self.run_dir, config_to_dict(cfg), overwrite=cfg.overwrite)
-        if cfg.overwrite:
-            for stale in (run_dir / "labels.jsonl", *run_dir.glob("segments/*.npz")):
-                stale.unlink(missing_ok=True)
+        resume = self._resume_state
+        if resume is None:
+            seed_everything(cfg.seed)
+            # Read reused labels first: a bad --labels-from fails before anything is written.
+            reused = load_labels(cfg.labels_from, obs_shape=tuple(self.observation_space.shape),
+                                 include_cant_tell=True) if cfg.labels_from else []
+            run_dir = prepare_run_dir(self.run_dir, config_to_dict(cfg), overwrite=cfg.overwrite)
+            if cfg.overwrite:
+                for stale in (run_dir / "labels.jsonl", run_dir / CHECKPOINT_FILE, *run_dir.glob("segments/*.npz")):
+                    stale.unlink(missing_ok=True)
+        else:
+            import yaml
+
+            run_dir = self.run_dir
+            drop_torn_tail(run_dir)
+            # Records past the checkpoint are logged again as the loop repeats those steps.
+            truncate_metrics(run_dir, resume["step"])
+            truncate_metrics(run_dir / "policy", resume["step"])
+            saved = read_run_config(run_dir)
+            if saved.get("steps") != cfg.steps:  # a new target (--steps) is the run's from now on
+                atomic_write_text(run_dir / "config.yaml", yaml.safe_dump({**saved, "steps": cfg.steps}, sort_keys=False))
+            log.info("resuming %s at policy step %d of %d", run_dir, resume["step"], cfg.steps)
         store = LabelStore(run_dir, meta={"env": cfg.env, "run": cfg.name})
         logger = MetricsLogger(run_dir)
         channel = self._channel(store)
@@ -504,42 +551,47 @@ class PreferenceTrainer:
         if cfg.torch_threads > 0:
             torch.set_num_threads(cfg.torch_threads)
         try:
-            if reused:
-                store.import_comparisons(reused, source=str(cfg.labels_from))
-                self.absorb(reused)
-                self.asked = min(cfg.labels, len(reused))
-                log.info("reusing %d labels from %s (%d usable)", len(reused), cfg.labels_from, len(self.dataset))
+            if resume is None:
+                if reused:
+                    store.import_comparisons(reused, source=str(cfg.labels_from))
+                    self.absorb(reused)
+                    self.asked = min(cfg.labels, len(reused))
+                    log.info("reusing %d labels from %s (%d usable)", len(reused), cfg.labels_from,
+                             len(self.dataset))
 
-            # 1. The random policy: its clips get the first share of the labels.
-            n0 = initial_labels(cfg)
-            n_random = cfg.random_steps or 4 * cfg.segment_length * max(n0, 1)
-            self.collect_random(n_random)
-            random_returns, _ = self.pool.drain_episode_stats()
-            if self.asked < n0:
-                # No reward model yet, so nothing to disagree about: random pairs.
-                self.ask(channel, n0 - self.asked, RandomSelector())
-            self.absorb(channel.answers())
-            if isinstance(channel, _AsyncChannel):
-                # A reward model fitted on nothing would send the policy anywhere: wait for people.
-                deadline = time.monotonic() + cfg.initial_wait_s
-                while self.answered < min(n0, self.asked) and time.monotonic() < deadline:
-                    time.sleep(0.5)
-                    self.absorb(channel.answers())
-            metrics = self.fit(cfg.rm_initial_epochs)
-            if random_returns:
-                metrics["prefs/random_policy_return"] = float(np.mean(random_returns))
-            self._log(logger, 0, metrics, channel)
+                # 1. The random policy: its clips get the first share of the labels.
+                n0 = initial_labels(cfg)
+                n_random = cfg.random_steps or 4 * cfg.segment_length * max(n0, 1)
+                self.collect_random(n_random)
+                random_returns, _ = self.pool.drain_episode_stats()
+                if self.asked < n0:
+                    # No reward model yet, so nothing to disagree about: random pairs.
+                    self.ask(channel, n0 - self.asked, RandomSelector())
+                self.absorb(channel.answers())
+                if isinstance(channel, _AsyncChannel):
+                    # A reward model fitted on nothing would send the policy anywhere: wait for people.
+                    deadline = time.monotonic() + cfg.initial_wait_s
+                    while self.answered < min(n0, self.asked) and time.monotonic() < deadline:
+                        time.sleep(0.5)
+                        self.absorb(channel.answers())
+                metrics = self.fit(cfg.rm_initial_epochs)
+                if random_returns:
+                    metrics["prefs/random_policy_return"] = float(np.mean(random_returns))
+                self._log(logger, 0, metrics, channel)
+                self.save_checkpoint(store, channel)
+            else:
+                self._restore(resume, store, channel)
+                self._resume_state = None
 
             # 2. Policy training interleaved with labelling and fitting.
-            self.policy = self._build_policy()
+            if self.policy is None:
+                self.policy = self._build_policy()
             policy_dir = run_dir / "policy"
             # One vector env for the whole run, owned here: the trainer then continues its
             # episodes across learn() calls, so the pool's open episodes stay contiguous.
-            from palate.rl.envs import make_vec_env
-
-            vec_env, _ = make_vec_env(self.env_factory, self.policy.config.n_envs, self.policy.config.vec_env)
-            vec_env.spec = self._env_spec  # so checkpoints name the env id, not "SyncVectorEnv"
-            self._vec_env = vec_env
+            if self._vec_env is None:
+                self._vec_env = self._make_vec_env()
+            vec_env = self._vec_env
             while self.policy.global_step < cfg.steps:
                 chunk = min(cfg.chunk_steps, cfg.steps - self.policy.global_step)
                 t0 = time.perf_counter()
@@ -557,6 +609,7 @@ class PreferenceTrainer:
                     metrics["charts/episodic_length"] = float(np.mean(lengths))
                 metrics["charts/SPS"] = chunk / max(policy_s, 1e-9)
                 self._log(logger, step, metrics, channel)
+                self.save_checkpoint(store, channel)
             self.absorb(channel.close(cfg.label_wait_s))
         except BaseException:
             channel.close(0.0)
@@ -566,6 +619,7 @@ class PreferenceTrainer:
             torch.set_num_threads(prev_threads)
             if self._vec_env is not None:
                 self._vec_env.close()
+                self._vec_env = None
 
         self.model.save(run_dir / "reward_model.pt")
         eval_returns = self.evaluate(cfg.eval_episodes) if cfg.eval_episodes else []
@@ -581,6 +635,152 @@ class PreferenceTrainer:
         log.info("prefs %s: %d policy steps, %d labels, eval true return %s", cfg.env, summary["policy_steps"],
                  summary["labels_used"], summary["eval_true_return_mean"])
         return summary
+
+    # ------------------------------------------------------------------ checkpoint and resume
+    def save_checkpoint(self, store: Any, channel: Any) -> Path:
+        """Write ``prefs_state.pt``: everything the loop needs to continue from this point.
+
+        Called at the end of every round (and once after the random-policy labels, at step 0).
+        One file, written atomically, so a crash leaves the previous checkpoint or this one,
+        never a mix. What it holds is in the module docstring; the labels themselves are not in
+        it: they are in labels.jsonl, which the checkpoint counts (see :meth:`_restore`).
+        """
+        import pickle
+
+        from palate.rl.envs import snapshot_envs
+        from palate.runs import atomic_torch_save, rng_state
+
+        step = self.policy.global_step if self.policy is not None else 0
+        blob = pickle.dumps({
+            "reward_model": self.model.state_dict(),
+            "pool": self.pool.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "global_rng": rng_state(),  # dropout in the reward model draws from torch's global RNG
+            "selector": _state_of(self.selector),
+            "labeller": _state_of(channel.labeller),
+            # None when the envs cannot be pickled: a resume then starts new episodes.
+            "env_snapshot": snapshot_envs(self._vec_env) if self._vec_env is not None else None,
+        })
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "env": self.cfg.env,
+            "algo": self.cfg.algo,
+            # The palate.rl checkpoint dict (weights, optimisers, normalisation, RNG, last obs).
+            "policy": self.policy.state_dict() if self.policy is not None else None,
+            "counters": {"asked": self.asked, "answered": self.answered, "random_steps": self.random_steps,
+                         "dropped_clips": channel.dropped},
+            # The first `absorbed` lines of labels.jsonl are the reward model's dataset.
+            "labels": {"absorbed": self.answered, "pending": store.pending_ids, "next_shard": store.next_shard},
+            "resume": blob,
+        }
+        path = self.run_dir / CHECKPOINT_FILE
+        atomic_torch_save(state, path)
+        return path
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, *, steps: int | None = None, labeller: Any | None = None,
+               selector: Any | None = None) -> PreferenceTrainer:
+        """A trainer that continues the run in ``run_dir`` from its last round when ``train()`` is called.
+
+        Reads ``run_dir/config.yaml`` and ``run_dir/prefs_state.pt`` and writes nothing (``train``
+        does). ``steps`` raises the run's policy-step target (``PreferenceConfig.steps``); the
+        labelling schedule then spreads the rest of the budget up to the new last step.
+        Injected ``labeller``/``selector`` replace the ones the config would build, as in
+        :class:`PreferenceTrainer`.
+
+        Raises:
+            CheckpointError: no config.yaml, or no readable checkpoint (the run stopped before
+                its first round ended: start it again).
+            PreferenceError: the directory holds a run of another kind.
+            ConfigError: ``steps`` is not above the checkpoint's step, or the run is finished.
+        """
+        from palate.runs import read_run_config
+
+        run_dir = Path(run_dir)
+        data = read_run_config(run_dir)
+        if not _PREFS_KEYS <= set(data):
+            raise PreferenceError(
+                f"{run_dir} holds no preference-learning run (its config.yaml lacks "
+                f"{sorted(_PREFS_KEYS - set(data))}); resume control runs with `palate rl resume {run_dir}`")
+        cfg = config_from_dict(PreferenceConfig, data, source=str(run_dir / "config.yaml"))
+        state = load_checkpoint(run_dir)
+        if state["env"] != cfg.env or state["algo"] != cfg.algo:
+            raise CheckpointError(
+                f"{run_dir / CHECKPOINT_FILE} is a {state['algo']} run on {state['env']} but config.yaml says "
+                f"{cfg.algo} on {cfg.env}; restore the run's own config.yaml")
+        if steps is not None:
+            if steps <= state["step"]:
+                raise ConfigError(f"{run_dir} is already at policy step {state['step']}; pass --steps above it")
+            cfg.steps = int(steps)
+        elif state["step"] >= cfg.steps and (run_dir / "summary.json").is_file():
+            raise ConfigError(f"{run_dir} finished at policy step {state['step']}; pass --steps above it to go on")
+        trainer = cls(cfg, labeller=labeller, selector=selector, run_dir=run_dir)
+        trainer._resume_state = state
+        return trainer
+
+    def _restore(self, state: dict[str, Any], store: Any, channel: Any) -> None:
+        """Put every part back as :meth:`save_checkpoint` found it; rebuild the dataset from labels.jsonl.
+
+        Answers recorded after the checkpoint (a human's late answers, or a round cut short by
+        a crash) are in labels.jsonl too: they are kept and learned from, never asked again.
+        Queries still waiting for a human at the checkpoint and unanswered since are dropped:
+        they leave the budget free for new ones.
+        """
+        import pickle
+
+        from palate.preferences.storage import load_labels, shard_number
+        from palate.rl.envs import restore_envs
+        from palate.runs import set_rng_state
+
+        path = self.run_dir / CHECKPOINT_FILE
+        blob = pickle.loads(state["resume"])  # trusted: the run's own file
+        self.model.load_state_dict(blob["reward_model"])
+        self.pool.load_state_dict(blob["pool"])
+        self.rng.bit_generator.state = blob["rng"]
+        _load_state(self.selector, blob["selector"])
+        _load_state(channel.labeller, blob["labeller"])
+        counters = state["counters"]
+        self.asked, self.random_steps = int(counters["asked"]), int(counters["random_steps"])
+        channel.dropped = int(counters["dropped_clips"])
+
+        labels = state["labels"]
+        recorded = load_labels(self.run_dir, obs_shape=tuple(self.observation_space.shape), include_cant_tell=True) \
+            if (self.run_dir / "labels.jsonl").is_file() else []
+        absorbed = int(labels["absorbed"])
+        if len(recorded) < absorbed:
+            raise CheckpointError(
+                f"{self.run_dir / 'labels.jsonl'} holds {len(recorded)} answers but {path} was written after "
+                f"{absorbed}; the labels were edited or lost: restore them, or start the run again")
+        self.answered = 0
+        self.absorb(recorded)
+        late = recorded[absorbed:]
+        # Queries first saved after the checkpoint (in a newer shard) were asked after it, too.
+        asked_since = {c.id for c in late if shard_number(c.shard) >= int(labels["next_shard"])}
+        dropped = set(labels["pending"]) - {c.id for c in late}
+        self.asked += len(asked_since) - len(dropped)
+        if late:
+            log.info("%d answers recorded after the checkpoint are kept", len(late))
+        if dropped:
+            log.info("%d queries unanswered when the run stopped are dropped (no longer counted as asked)",
+                     len(dropped))
+
+        if state["policy"] is not None:
+            algo_cls, _ = self._algo_classes()
+            self.policy = algo_cls.from_state_dict(state["policy"], source=str(path), reward_fn=self.model.predict,
+                                                   rollout_callback=self.pool.add_rollout)
+            self.policy.config.total_steps = self.cfg.steps
+            snapshot = blob["env_snapshot"]
+            if snapshot is not None and self.policy.config.vec_env == "sync":
+                self._vec_env = self._make_vec_env(restore_envs(snapshot))
+                self.policy.attach_envs(self._vec_env)  # the episodes in progress go on
+            else:
+                # As `palate rl resume` does: new episodes, seeded by the step. The pool's running
+                # episodes end here, so no segment spans the seam.
+                self._vec_env = self._make_vec_env()
+                self.pool.close_open_episodes()
+                log.info("the environments could not be restored: new episodes start at step %d", state["step"])
+        set_rng_state(blob["global_rng"])
 
     def _log(self, logger: Any, step: int, metrics: dict[str, Any], channel: Any) -> None:
         metrics.update({
@@ -604,6 +804,48 @@ def _fmt(x: Any) -> str:
 def train_preferences(cfg: PreferenceConfig, **parts: Any) -> dict[str, Any]:
     """Build a :class:`PreferenceTrainer` from ``cfg`` (``parts`` override its components) and train."""
     return PreferenceTrainer(cfg, **parts).train()
+
+
+def resume_preferences(run_dir: str | Path, steps: int | None = None, **parts: Any) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from its last checkpoint to ``steps`` (default: its own).
+
+    ``parts`` (``labeller``, ``selector``) override the components, as in :func:`train_preferences`.
+    See :meth:`PreferenceTrainer.resume`.
+    """
+    return PreferenceTrainer.resume(run_dir, steps=steps, **parts).train()
+
+
+def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
+    """Read ``run_dir/prefs_state.pt`` with errors that name the file and the fix.
+
+    Only the outer dict is read here (``weights_only``: no arbitrary objects); its pickled
+    ``resume`` part is opened by the resumed trainer.
+    """
+    import torch
+
+    path = Path(run_dir) / CHECKPOINT_FILE
+    again = f"start it again with `palate prefs train --config {Path(run_dir) / 'config.yaml'} --overwrite`"
+    if not path.is_file():
+        raise CheckpointError(f"no preference checkpoint at {path}: the run stopped before its first round "
+                              f"ended, so there is nothing to resume; {again}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"cannot read the preference checkpoint {path} ({err}); {again}") from err
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a palate preference checkpoint (format {CHECKPOINT_FORMAT}); {again}")
+    return state
+
+
+def _state_of(part: Any) -> Any:
+    """A part's ``state_dict()`` where it has one (the synthetic oracle's RNG, a custom selector's)."""
+    get = getattr(part, "state_dict", None)
+    return get() if callable(get) else None
+
+
+def _load_state(part: Any, state: Any) -> None:
+    if state is not None and callable(getattr(part, "load_state_dict", None)):
+        part.load_state_dict(state)
 
 
 def config_from_mapping(data: dict[str, Any]) -> PreferenceConfig:

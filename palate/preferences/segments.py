@@ -228,11 +228,65 @@ class TrajectoryPool:
             self.completed_lengths.append(len(traj))
         self._push(traj)
 
+    def close_open_episodes(self) -> None:
+        """Keep the running episodes as unfinished trajectories and start new ones in every slot.
+
+        For a resume whose environments could not be restored: their next steps belong to new
+        episodes, and appending them to the old ones would cut segments across the seam.
+        """
+        for ep in self._open:
+            if ep.length:
+                self._push(ep.to_trajectory(finished=False))
+        self._open = [self._new_episode() for _ in self._open]
+
     def drain_episode_stats(self) -> tuple[list[float], list[int]]:
         """True returns and lengths of the episodes finished since the last call (for metrics)."""
         returns, lengths = self.completed_returns, self.completed_lengths
         self.completed_returns, self.completed_lengths = [], []
         return returns, lengths
+
+    # ---------------------------------------------------------------- persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Everything in the pool, open episodes included, as NumPy arrays and plain values.
+
+        A resumed run cuts its next segments from exactly the steps the interrupted one held; the
+        running sums (episode returns) are saved as they are rather than recomputed, so they stay
+        bit-for-bit what continuing without a restart would have given.
+        """
+        def arrays(ep: _OpenEpisode) -> tuple[np.ndarray, ...] | None:
+            return tuple(np.concatenate(x) for x in (ep.obs, ep.actions, ep.rewards)) if ep.length else None
+
+        return {
+            "max_steps": self.max_steps,
+            "max_open_steps": self.max_open_steps,
+            "closed": [(t.obs, t.actions, t.true_rewards, t.finished, t.episode_id, t.start) for t in self._closed],
+            "open": [{"episode_id": ep.episode_id, "start": ep.start, "length": ep.length,
+                      "true_return": ep.true_return, "arrays": arrays(ep)} for ep in self._open],
+            "next_episode": self._next_episode,
+            "completed_returns": list(self.completed_returns),
+            "completed_lengths": list(self.completed_lengths),
+            "total_steps": self.total_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`; replaces the pool's contents."""
+        self.max_steps, self.max_open_steps = int(state["max_steps"]), int(state["max_open_steps"])
+        self._closed = deque(Trajectory(obs, actions, rewards, bool(finished), int(episode), int(start))
+                             for obs, actions, rewards, finished, episode, start in state["closed"])
+        self._closed_steps = sum(len(t) for t in self._closed)
+        self._open = []
+        for item in state["open"]:
+            ep = _OpenEpisode(int(item["episode_id"]))
+            ep.start = int(item["start"])
+            if item["arrays"] is not None:
+                ep.obs, ep.actions, ep.rewards = ([a] for a in item["arrays"])
+            ep.length = int(item["length"])
+            ep.true_return = float(item["true_return"])
+            self._open.append(ep)
+        self._next_episode = int(state["next_episode"])
+        self.completed_returns = list(state["completed_returns"])
+        self.completed_lengths = list(state["completed_lengths"])
+        self.total_steps = int(state["total_steps"])
 
     # ---------------------------------------------------------------- reading
     def trajectories(self) -> list[Trajectory]:

@@ -49,6 +49,7 @@ class LabelledComparison:
     label: str
     mu: float | None
     labeller: str = "synthetic"
+    shard: str = ""  # the segment file it was read from ("" when built in memory)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -159,12 +160,59 @@ class LabelStore:
         with self._lock:
             return len(self._pending)
 
+    @property
+    def pending_ids(self) -> list[str]:
+        """Ids of the queries saved and sent whose answer has not arrived."""
+        with self._lock:
+            return list(self._pending)
+
+    @property
+    def next_shard(self) -> int:
+        """Number of the next segment shard: every query saved so far is in a lower-numbered one."""
+        with self._lock:
+            return self._next_shard
+
     def is_known(self, comparison_id: str) -> bool:
         with self._lock:
             return comparison_id in self._pending or comparison_id in self._answered
 
 
 # -------------------------------------------------------------------- reading
+
+
+def shard_number(shard: str) -> int:
+    """The number of a shard path as labels.jsonl names it (``segments/00012.npz`` -> 12)."""
+    return int(Path(shard).stem)
+
+
+def saved_comparison_ids(run_dir: str | Path) -> set[str]:
+    """Ids of every comparison whose segments a run saved (asked, answered or not)."""
+    ids: set[str] = set()
+    for shard in sorted((Path(run_dir) / SEGMENTS_DIR).glob("*.npz")):
+        with np.load(shard, allow_pickle=False) as npz:
+            ids.update(key.split("/", 1)[0] for key in npz.files)
+    return ids
+
+
+def drop_torn_tail(run_dir: str | Path) -> bool:
+    """Cut a last label line torn by a crash mid-append, so new lines start on a line of their own.
+
+    Readers already ignore such a line; a run that appends after it must not leave it in the
+    middle of the file. Whole lines are never touched. Returns whether anything was cut.
+    """
+    path = Path(run_dir) / LABELS_FILE
+    if not path.is_file():
+        return False
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    keep = data.rfind(b"\n") + 1
+    log.warning("%s: dropping a torn last line (%d bytes) left by a crash", path, len(data) - keep)
+    with open(path, "r+b") as fh:
+        fh.truncate(keep)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
 
 
 def labels_path(path: str | Path) -> Path:
@@ -249,7 +297,7 @@ def load_labels(path: str | Path, obs_shape: tuple[int, ...] | None = None,
                         f"this environment's are {tuple(obs_shape)}; reuse labels only on the same environment"
                     )
                 sides.append(seg)
-            out.append(LabelledComparison(cid, SegmentPair(*sides), label, mu, str(data.get("labeller", ""))))
+            out.append(LabelledComparison(cid, SegmentPair(*sides), label, mu, str(data.get("labeller", "")), shard))
     finally:
         for npz in shards.values():
             npz.close()

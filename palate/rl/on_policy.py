@@ -425,11 +425,19 @@ class OnPolicyAlgorithm:
         ``kwargs`` go to the constructor (``reward_fn``, ``rollout_callback``). ``learn`` on the
         loaded model continues training where the checkpoint stopped.
         """
-        state = load_checkpoint(path)
+        return cls.from_state_dict(load_checkpoint(path), source=str(path), **kwargs)
+
+    @classmethod
+    def from_state_dict(cls: type[Self], state: dict[str, Any], *, source: str = "state dict",
+                        **kwargs: Any) -> Self:
+        """:meth:`load` from a :meth:`state_dict` held in memory (one embedded in a larger checkpoint).
+
+        ``source`` names where ``state`` came from in error messages.
+        """
         if state["algo"] != cls.algo:
-            raise CheckpointError(f"{path} holds a {state['algo']} model; load it with that class "
+            raise CheckpointError(f"{source} holds a {state['algo']} model; load it with that class "
                                   f"(palate.rl.{state['algo'].upper()}.load)")
-        config = config_from_dict(cls.config_class, state["config"], source=str(path))
+        config = config_from_dict(cls.config_class, state["config"], source=source)
         model = cls(config, **kwargs)
         obs_space = gym.spaces.Box(-np.inf, np.inf, tuple(state["spaces"]["observation_shape"]), np.float32)
         model._setup_model(obs_space, _space_from_dict(state["spaces"]["action"]))
@@ -443,6 +451,15 @@ class OnPolicyAlgorithm:
         model._load_algo_state(state["algo_state"])
         model._resume_blob = state["resume"]
         return model
+
+    def attach_envs(self, envs: gym.vector.VectorEnv) -> None:
+        """Declare that ``envs``, a vector env the caller owns, stands where the last rollout stopped.
+
+        ``learn`` continues the episodes in progress only in a vector env it stepped itself, and
+        starts new ones in any other. A caller that rebuilt its envs from a snapshot after
+        :meth:`load` (:func:`palate.rl.envs.restore_envs`) calls this so they continue instead.
+        """
+        self._env_object = envs
 
     def _restore_resume_state(self) -> None:
         """Unpickle the RNG and environment state saved with the checkpoint (trusted files only)."""
