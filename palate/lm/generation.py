@@ -9,6 +9,8 @@ including the first EOS and 0 after it, so the EOS itself is an action the polic
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -159,14 +161,37 @@ def logits_to_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: 
     return logp, entropy
 
 
+@functools.cache
+def _takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def keep_response_logits(model: torch.nn.Module, response_len: int) -> dict[str, int]:
+    """``{"logits_to_keep": R + 1}`` when the model's forward can skip the LM head on the prompt.
+
+    Only the logits at positions P-1 .. P+R-1 are ever read (the last R+1 positions), and the
+    unembedding is a large share of a small model's forward (SmolLM2: 576 x 49,152, about eight
+    blocks' worth), so computing it on prompt positions wastes a third or more of the head.
+    Pair with :func:`take_response_logits`, which slices the same positions either way.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"logits_to_keep": response_len + 1} if _takes_logits_to_keep(type(base)) else {}
+
+
+def take_response_logits(logits: torch.Tensor, response_len: int) -> torch.Tensor:
+    """``[B, R, V]``: the logits that predicted the R response tokens (the logit at position t
+    predicts token t+1, so positions P-1 .. P+R-2), from full or ``logits_to_keep`` logits."""
+    return logits[:, -(response_len + 1):-1]
+
+
 def response_logits(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
     """``[B, R, V]`` logits that predicted each response token (one forward over prompt+response)."""
     input_ids, attention_mask = batch.input_ids, batch.attention_mask
+    r = batch.response_ids.shape[1]
     out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    p, r = batch.query_ids.shape[1], batch.response_ids.shape[1]
-    # The logit at position t predicts token t+1: the response is predicted from P-1 .. P+R-2.
-    return out.logits[:, p - 1:p + r - 1]
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                **keep_response_logits(model, r))
+    return take_response_logits(out.logits, r)
 
 
 def response_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature: float = 1.0,

@@ -41,9 +41,11 @@ from palate.errors import CheckpointError, ConfigError
 from palate.lm.generation import (
     RolloutBatch,
     decode_responses,
+    keep_response_logits,
     logits_to_logprobs,
     position_ids_from_mask,
     sample,
+    take_response_logits,
 )
 from palate.lm.prefix import (
     decoder_base,
@@ -163,11 +165,13 @@ class PolicyAndValue(nn.Module):
         """
         position_ids = position_ids_from_mask(attention_mask)
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        r = input_ids.shape[1] - query_len
+        keep = keep_response_logits(self.policy, r)
         if policy_prefix is None:
-            out = self.policy(**inputs)
+            out = self.policy(**inputs, **keep)
         else:
-            out = forward_suffix(self.policy, policy_prefix, self.policy_start, **inputs)
-        logits = out.logits[:, query_len - 1:-1]
+            out = forward_suffix(self.policy, policy_prefix, self.policy_start, **inputs, **keep)
+        logits = take_response_logits(out.logits, r)
         values = self.value(input_ids, attention_mask, position_ids, value_prefix,
                             self.value_start)[:, query_len - 1:-1]
         ptx = lm_nll(self.policy, ptx_ids) if ptx_ids is not None else None
@@ -348,16 +352,17 @@ class LMPPOTrainer:
         outs: list[tuple[torch.Tensor, ...]] = []
         for start in range(0, len(batch), cfg.forward_batch_size):
             mb = batch.select(torch.arange(start, min(start + cfg.forward_batch_size, len(batch)))).to(self.device)
-            p = mb.query_ids.shape[1]
+            p, r = mb.query_ids.shape[1], mb.response_ids.shape[1]
             position_ids = position_ids_from_mask(mb.attention_mask)
             inputs = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=position_ids,
                           use_cache=False)
+            keep = keep_response_logits(net.policy, r)
             policy_prefix = value_prefix = None
             if net.policy_start:
-                out, policy_prefix = forward_capture(net.policy, net.policy_start, **inputs)
+                out, policy_prefix = forward_capture(net.policy, net.policy_start, **inputs, **keep)
             else:
-                out = net.policy(**inputs)
-            logits = out.logits[:, p - 1:-1]
+                out = net.policy(**inputs, **keep)
+            logits = take_response_logits(out.logits, r)
             del out
             if net.value_start:
                 values, value_prefix = net.value.forward_capture(mb.input_ids, mb.attention_mask, position_ids,
@@ -375,17 +380,21 @@ class LMPPOTrainer:
         return tuple(None if parts[0] is None else torch.cat(parts).cpu() for parts in zip(*outs))
 
     def _reference_logits(self, mb: RolloutBatch, policy_prefix: torch.Tensor | None = None) -> torch.Tensor:
-        p = mb.query_ids.shape[1]
+        r = mb.response_ids.shape[1]
         kwargs = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
                       position_ids=position_ids_from_mask(mb.attention_mask), use_cache=False)
-        if self.reference is not None and self.ref_shares_prefix and policy_prefix is not None:
-            # rho's lower blocks are the policy's frozen ones: start from the policy's prefix.
-            return forward_suffix(self.reference, policy_prefix, self.unwrapped.policy_start, **kwargs).logits[:, p - 1:-1]
         if self.reference is not None:
-            return self.reference(**kwargs).logits[:, p - 1:-1]
+            kwargs.update(keep_response_logits(self.reference, r))
+            if self.ref_shares_prefix and policy_prefix is not None:
+                # rho's lower blocks are the policy's frozen ones: start from the policy's prefix.
+                out = forward_suffix(self.reference, policy_prefix, self.unwrapped.policy_start, **kwargs)
+            else:
+                out = self.reference(**kwargs)
+            return take_response_logits(out.logits, r)
         # LoRA: rho is the very same weights with the adapters switched off (no extra memory).
+        kwargs.update(keep_response_logits(self.unwrapped.policy, r))
         with self.unwrapped.policy.disable_adapter():
-            return self.unwrapped.policy(**kwargs).logits[:, p - 1:-1]
+            return take_response_logits(self.unwrapped.policy(**kwargs).logits, r)
 
     def rollout(self) -> Rollout:
         cfg = self.cfg
