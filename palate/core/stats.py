@@ -39,3 +39,21 @@ def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> float:
     if var_y.item() == 0:
         return float("nan")
     return float(1 - torch.var(y_true - y_pred) / var_y)
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale the gradients of ``params`` so their global L2 norm is at most ``max_norm``; returns
+    the norm before clipping.
+
+    The arithmetic of ``torch.nn.utils.clip_grad_norm_`` (one fused norm per tensor list, one
+    fused multiply by ``min(1, max_norm / (norm + 1e-6))``) without its per-call grouping of
+    tensors by device and dtype: control policies take thousands of small steps, and on their
+    ~10 parameter tensors that bookkeeping costs as much as the arithmetic.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    torch._foreach_mul_(grads, coef)
+    return total

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from palate.core.ppo import AdaptiveKLPenalty, clipped_surrogate_loss, kl_penalty_loss, value_loss
-from palate.core.stats import explained_variance, whiten
+from palate.core.stats import clip_grad_norm, explained_variance, whiten
 from palate.rl.buffer import Batch
 from palate.rl.config import PPOConfig
 from palate.rl.on_policy import OnPolicyAlgorithm
@@ -58,6 +58,7 @@ class PPO(OnPolicyAlgorithm):
             with torch.no_grad():
                 old_dist = policy.distribution(batch.obs)
 
+        params = optimizer.param_groups[0]["params"]  # not policy.parameters(): a module walk per step
         stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("policy", "value", "entropy", "kl", "clipfrac")}
         # One minibatch per epoch (e.g. the CartPole preset): whiten once and skip the shuffle,
         # which changes nothing but the cost.
@@ -93,7 +94,7 @@ class PPO(OnPolicyAlgorithm):
                     break
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                clip_grad_norm(params, cfg.max_grad_norm)
                 optimizer.step()
                 stats["policy"].append(pg_loss.detach())
                 stats["value"].append(v_loss.detach())
