@@ -1,18 +1,34 @@
 """PPO for language models, palate vs TRL: ``python -m palate.bench lm-ppo`` (part of ``make bench``).
 
-Both trainers start from the same SFT policy, score with the same reward model (palate's, turned
-into a ``LlamaForSequenceClassification`` for TRL), see the same prompts (the ``sentiment`` task's
-train split), the same rollout batch, minibatch, epochs, completion length, learning rate and KL
-coefficient, and train the same weights (``trainable_layers``: the last blocks of policy and value). Each arm runs in its own process so its
-peak memory (max RSS) is its own. Afterwards both final policies are evaluated the same way by
+All arms start from the same SFT policy, score with the same reward model, see the same prompts
+(the ``sentiment`` task's train split), generate the same number of completions per iteration
+with the same completion length and temperature (1), and use the same minibatch, epochs, learning
+rate and KL coefficient, training the same weights (``trainable_layers``: the last blocks of the
+policy, and of the value model where there is one). Each arm runs in its own process so its peak
+memory (max RSS) is its own. Afterwards every final policy is evaluated the same way by
 :func:`palate.lm.evaluate.evaluate_models`: reward-model score and KL to the SFT model on the test
 prompts, and the held-out labeller's win rate against SFT.
 
-Peer: TRL 1.12.0's ``trl.experimental.ppo.PPOTrainer`` (TRL removed PPO in 1.13). It is not a
-palate dependency; it is installed without dependencies into a directory that shares palate's
-torch/transformers/accelerate (so pip never pulls another torch)::
+Arms (``--arms``):
+
+* ``palate``: :mod:`palate.lm.ppo`, one completion per prompt, ``batch_size`` prompts.
+* ``trl-ppo``: TRL 1.12.0's ``trl.experimental.ppo.PPOTrainer`` (TRL removed PPO in 1.13); the RM
+  reaches it as a ``LlamaForSequenceClassification`` (:func:`export_reward_model_for_trl`).
+* ``trl-rloo``: current TRL's (1.16.0) ``RLOOTrainer``. RLOO needs k >= 2 completions per prompt,
+  so it sees ``batch_size / rloo_k`` prompts x ``rloo_k`` completions: the same number of
+  completions per iteration. It has no value model; its reward is palate's RM called as a reward
+  function (see :func:`arm_trl_rloo` for why).
+
+The budget is set by flags (``--iterations``, ``--batch-size``, ``--mini-batch-size``,
+``--ppo-epochs``, ``--learning-rate``, ``--kl-coef``, ``--eval-prompts``...; defaults in
+``SETTINGS``), passed to every arm's process and recorded in ``lm_ppo.json`` / ``lm_ppo.md``.
+
+The peers are not palate dependencies. Each TRL is installed without dependencies into its own
+directory, which shares palate's torch/transformers/accelerate (so pip never pulls another torch)
+and goes on ``PYTHONPATH`` only in its own arm's process::
 
     .venv/bin/pip install --no-deps --target bench-venvs/trl-1.12 trl==1.12.0
+    .venv/bin/pip install --no-deps --target bench-venvs/trl trl==1.16.0
 """
 
 from __future__ import annotations
@@ -24,24 +40,59 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-TRL_PATH = ROOT / "bench-venvs" / "trl-1.12"
 
+# Where each TRL arm's TRL lives (``pip install --no-deps --target``) and the version it must be.
+TRL_INSTALLS: dict[str, tuple[Path, str]] = {
+    "trl-ppo": (ROOT / "bench-venvs" / "trl-1.12", "1.12.0"),
+    "trl-rloo": (ROOT / "bench-venvs" / "trl", "1.16.0"),
+}
+ARMS = ("palate", "trl-ppo", "trl-rloo")
+
+# The default budget; every entry but rloo_k is also a flag (``--iterations 3``...).
 SETTINGS: dict[str, Any] = {
     "iterations": 3,            # rollout batches
-    "batch_size": 8,            # prompts (= completions) per rollout batch
+    "batch_size": 8,            # completions per rollout batch (palate, trl-ppo: one per prompt)
     "mini_batch_size": 4,       # completions per optimiser step
     "ppo_epochs": 2,
     "max_new_tokens": 24,
     "learning_rate": 3e-5,
     "kl_coef": 0.05,
-    "trainable_layers": 6,      # both arms train the last 6 blocks of policy and value (CPU budget)
+    "trainable_layers": 6,      # every arm trains the last 6 blocks of policy (and value) (CPU budget)
     "eval_prompts": 12,         # test prompts for the common evaluation (x 2 samples)
     "seed": 0,
+    "rloo_k": 2,                # trl-rloo: completions per prompt (batch_size / rloo_k prompts per batch)
 }
+_FLAG_HELP = {
+    "iterations": "rollout batches (generate, score, update)",
+    "batch_size": "completions generated per rollout batch (trl-rloo: batch_size / 2 prompts x 2)",
+    "mini_batch_size": "completions per optimiser step",
+    "ppo_epochs": "passes over each rollout batch (trl-rloo: num_iterations, mu)",
+    "max_new_tokens": "completion length limit",
+    "learning_rate": "AdamW learning rate, constant",
+    "kl_coef": "fixed KL coefficient beta",
+    "trainable_layers": "train only the last N blocks of policy (and value); 0: all",
+    "eval_prompts": "test prompts in the common evaluation (2 samples each)",
+    "seed": "seed of every arm",
+}
+
+
+def check_settings(settings: dict[str, Any], arms: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming the flag if the budget cannot be run by these arms."""
+    s = settings
+    for key in ("iterations", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "eval_prompts"):
+        if s[key] < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
+    if s["batch_size"] % s["mini_batch_size"]:
+        raise ValueError(f"--batch-size ({s['batch_size']}) must be a multiple of --mini-batch-size "
+                         f"({s['mini_batch_size']})")
+    if "trl-rloo" in arms and s["batch_size"] % s["rloo_k"]:
+        raise ValueError(f"trl-rloo samples {s['rloo_k']} completions per prompt: --batch-size ({s['batch_size']}) "
+                         f"must be a multiple of {s['rloo_k']}")
 
 
 def _peak_rss_mb() -> float:
@@ -79,11 +130,10 @@ def export_reward_model_for_trl(rm_dir: Path, out: Path) -> Path:
 # ---------------------------------------------------------------------------------- arms
 
 
-def arm_palate(work: Path, sft: str, rm_dir: str) -> dict[str, Any]:
+def arm_palate(work: Path, sft: str, rm_dir: str, s: dict[str, Any]) -> dict[str, Any]:
     from palate.lm.ppo import LMPPOConfig, build_trainer, read_metrics
     from palate.runs import prepare_run_dir
 
-    s = SETTINGS
     cfg = LMPPOConfig(policy=sft, reference=sft, reward_model=rm_dir, task="sentiment", iterations=s["iterations"],
                       batch_size=s["batch_size"], mini_batch_size=s["mini_batch_size"], ppo_epochs=s["ppo_epochs"],
                       max_new_tokens=s["max_new_tokens"], learning_rate=s["learning_rate"], kl_coef=s["kl_coef"],
@@ -101,7 +151,7 @@ def arm_palate(work: Path, sft: str, rm_dir: str) -> dict[str, Any]:
             "final_train_reward": metrics[-1]["objective/reward"], "final_train_kl": metrics[-1]["objective/kl"]}
 
 
-def arm_trl_ppo(work: Path, sft: str, rm_dir: str) -> dict[str, Any]:
+def arm_trl_ppo(work: Path, sft: str, rm_dir: str, s: dict[str, Any]) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -109,7 +159,6 @@ def arm_trl_ppo(work: Path, sft: str, rm_dir: str) -> dict[str, Any]:
 
     from palate.data.tasks import load_task
 
-    s = SETTINGS
     hf_rm = export_reward_model_for_trl(Path(rm_dir), work / "trl-rm")
     tok = AutoTokenizer.from_pretrained(sft, padding_side="left")
     if tok.pad_token is None:
@@ -128,9 +177,13 @@ def arm_trl_ppo(work: Path, sft: str, rm_dir: str) -> dict[str, Any]:
         freeze_all_but_last_layers(policy, s["trainable_layers"])
         freeze_all_but_last_layers(value, s["trainable_layers"])
         value.score.requires_grad_(True)
+    # TRL 1.12 PPO's rollout batch is per_device_train_batch_size x gradient_accumulation_steps, cut into
+    # num_mini_batches minibatches, each walked in micro-batches of per_device_train_batch_size under
+    # accelerate's accumulation. So one optimiser step per minibatch of mini_batch_size, as palate's,
+    # needs gradient_accumulation_steps=1 and a micro-batch no smaller than the minibatch.
     args = PPOConfig(
-        output_dir=str(work / "trl-ppo"), per_device_train_batch_size=s["mini_batch_size"],
-        gradient_accumulation_steps=s["batch_size"] // s["mini_batch_size"],
+        output_dir=str(work / "trl-ppo"), per_device_train_batch_size=s["batch_size"],
+        gradient_accumulation_steps=1,
         num_mini_batches=s["batch_size"] // s["mini_batch_size"], num_ppo_epochs=s["ppo_epochs"],
         total_episodes=s["iterations"] * s["batch_size"], response_length=s["max_new_tokens"],
         learning_rate=s["learning_rate"], lr_scheduler_type="constant", kl_coef=s["kl_coef"], temperature=1.0,
@@ -152,7 +205,84 @@ def arm_trl_ppo(work: Path, sft: str, rm_dir: str) -> dict[str, Any]:
             "final_train_reward": last.get("objective/scores"), "final_train_kl": last.get("objective/kl")}
 
 
-def evaluate_arm(model_dir: str, sft: str, rm_dir: str) -> dict[str, Any]:
+def arm_trl_rloo(work: Path, sft: str, rm_dir: str, s: dict[str, Any]) -> dict[str, Any]:
+    """TRL 1.16's RLOOTrainer on the same budget: ``batch_size / rloo_k`` prompts x ``rloo_k`` completions.
+
+    The reward is palate's RM called as a reward function, not the ``LlamaForSequenceClassification``
+    export the trl-ppo arm needs: RLOO scores ``prompt + completion`` as one string with no EOS, and with
+    SmolLM2's pad token = EOS the HF head would read the last text token, while palate's RM was trained
+    on, and palate's arm and the common evaluation score at, the EOS that
+    :meth:`~palate.lm.reward.RewardModel.score_texts` appends. The function gives RLOO exactly their score.
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import RLOOConfig, RLOOTrainer
+
+    from palate.data.tasks import load_task
+    from palate.lm.ppo import freeze_all_but_last_layers
+    from palate.lm.reward import RewardModel
+
+    tok = AutoTokenizer.from_pretrained(sft, padding_side="left")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    rm = RewardModel.from_pretrained(rm_dir)
+    rm.eval()
+    rm.requires_grad_(False)
+    generated = [0]  # completion tokens (EOS included, as palate's response/length counts it)
+
+    def palate_rm(prompts: list[str], completions: list[str], completion_ids: list[list[int]], **_: Any) -> list[float]:
+        generated[0] += sum(len(ids) for ids in completion_ids)
+        return rm.score_texts(list(prompts), list(completions), tok, batch_size=s["batch_size"]).tolist()
+
+    ds = Dataset.from_dict({"prompt": load_task("sentiment").prompts("train")})  # raw text, as the other arms
+    policy = AutoModelForCausalLM.from_pretrained(sft, dtype=torch.float32)
+    if s["trainable_layers"]:
+        freeze_all_but_last_layers(policy, s["trainable_layers"])  # the optimiser takes requires_grad params
+    steps_per_batch = s["batch_size"] // s["mini_batch_size"]
+    args = RLOOConfig(
+        output_dir=str(work / "trl-rloo"),
+        # One generation batch of batch_size completions (batch_size / k prompts), shuffled and cut into
+        # steps_per_batch minibatches of mini_batch_size, one optimiser step each, reused ppo_epochs
+        # times (num_iterations, mu), then the next batch: `iterations` generation batches in all.
+        num_generations=s["rloo_k"], per_device_train_batch_size=s["mini_batch_size"],
+        gradient_accumulation_steps=1, steps_per_generation=steps_per_batch, num_iterations=s["ppo_epochs"],
+        max_steps=s["iterations"] * s["ppo_epochs"] * steps_per_batch,
+        max_completion_length=s["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
+        # beta: the sequence's summed log(pi/ref) is subtracted from its score, as palate's KL shaping sums.
+        beta=s["kl_coef"], epsilon=0.2,
+        # The PPO arms whiten their advantages; RLOO's leave-one-out advantages get the same batch
+        # normalisation, so one learning rate means the same step size.
+        normalize_advantages=True,
+        learning_rate=s["learning_rate"], lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
+        weight_decay=0.0, max_grad_norm=1.0,
+        # TRL's defaults (bf16 autocast, gradient checkpointing) would differ from palate's float32 run.
+        bf16=False, gradient_checkpointing=False, disable_dropout=True,
+        use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, seed=s["seed"],
+        dataloader_num_workers=0)
+    trainer = RLOOTrainer(model=policy, reward_funcs=palate_rm, args=args, train_dataset=ds, processing_class=tok)
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    out = work / "trl-rloo" / "model"
+    trainer.model.save_pretrained(out)
+    tok.save_pretrained(out)
+    # Generation-time metrics land in the first log after each generation batch.
+    logs = [h for h in trainer.state.log_history if "reward" in h and "completions/mean_length" in h]
+    last = logs[-1] if logs else {}
+    kl_token = last.get("kl")
+    return {"train_wall_s": wall, "generated_tokens": generated[0], "model": str(out),
+            "final_train_reward": last.get("reward"),
+            # RLOO logs the per-token mean; x mean length = the mean per-sequence sum palate logs.
+            "final_train_kl": None if kl_token is None else kl_token * last["completions/mean_length"],
+            "optimizer_steps": trainer.state.global_step}
+
+
+ARM_FUNCS: dict[str, Callable[[Path, str, str, dict[str, Any]], dict[str, Any]]] = {
+    "palate": arm_palate, "trl-ppo": arm_trl_ppo, "trl-rloo": arm_trl_rloo}
+
+
+def evaluate_arm(model_dir: str, sft: str, rm_dir: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """The common evaluation: RM score, KL to SFT and held-out win rate on test prompts."""
     from palate.data.tasks import load_task
     from palate.lm.evaluate import evaluate_models
@@ -160,42 +290,56 @@ def evaluate_arm(model_dir: str, sft: str, rm_dir: str) -> dict[str, Any]:
     from palate.lm.models import load_model
     from palate.lm.reward import RewardModel
 
+    s = settings or SETTINGS
     task = load_task("sentiment")
     policy, tok = load_model(model_dir)
     reference, _ = load_model(sft)
     rm = RewardModel.from_pretrained(rm_dir)
-    prompts = task.prompts("test")[: SETTINGS["eval_prompts"]]
+    prompts = task.prompts("test")[: s["eval_prompts"]]
     metrics, _ = evaluate_models(
         policy, reference, tok, prompts,
         lambda p: encode_prompt_completion(tok, p, "", task.chat, 128, add_eos=False)["input_ids"],
         task.panel.held_out, lambda p, c: rm.score_texts(list(p), list(c), tok, batch_size=16).tolist(),
-        max_new_tokens=SETTINGS["max_new_tokens"], samples_per_prompt=2, batch_size=38, seed=99)
+        max_new_tokens=s["max_new_tokens"], samples_per_prompt=2, batch_size=38, seed=99)
     return {k: metrics[k] for k in ("reward", "reward_reference", "kl", "kl_stderr", "win_rate", "win_rate_stderr",
                                     "n_comparisons")}
 
 
-def _child(arm: str, work: Path, sft: str, rm_dir: str, threads: int) -> int:
+def _child(arm: str, work: Path, sft: str, rm_dir: str, threads: int, settings: dict[str, Any]) -> int:
     import torch
 
     torch.set_num_threads(threads)
-    fn = {"palate": arm_palate, "trl-ppo": arm_trl_ppo}[arm]
-    result = fn(work, sft, rm_dir)
+    result = ARM_FUNCS[arm](work, sft, rm_dir, settings)
     result["peak_rss_mb"] = _peak_rss_mb()
-    result["eval"] = evaluate_arm(result["model"], sft, rm_dir)
+    if arm in TRL_INSTALLS:
+        import trl
+
+        result["trl_version"] = trl.__version__
+    result["eval"] = evaluate_arm(result["model"], sft, rm_dir, settings)
     (work / f"{arm}.json").write_text(json.dumps(result, indent=2))
     return 0
 
 
-def run(out_dir: str | Path, sft: str | None = None, rm_dir: str | None = None, arms: tuple[str, ...] = ("palate", "trl-ppo"),
-        threads: int = 1, parallel: bool = False) -> dict[str, Any]:
+def _settings_flags(settings: dict[str, Any]) -> list[str]:
+    return [x for k in _FLAG_HELP for x in (f"--{k.replace('_', '-')}", repr(settings[k]))]
+
+
+def run(out_dir: str | Path, sft: str | None = None, rm_dir: str | None = None, arms: tuple[str, ...] = ARMS,
+        threads: int = 1, parallel: bool = False, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run each arm in its own process and write ``lm_ppo.md`` / ``lm_ppo.json`` under ``out_dir``.
 
     ``parallel`` runs the arms at the same time (one thread each): on a shared, busy machine that
-    puts both under the same load, which sequential runs cannot promise.
+    puts all under the same load, which sequential runs cannot promise.
 
     ``sft`` and ``rm_dir`` default to the models of the ``make run`` pipeline
-    (``runs/sentiment-cpu/sft/model`` and ``runs/sentiment-cpu/rm/model``).
+    (``runs/sentiment-cpu/sft/model`` and ``runs/sentiment-cpu/rm/model``); ``settings`` (the
+    budget) to ``SETTINGS``, entries given overriding it.
     """
+    settings = {**SETTINGS, **(settings or {})}
+    unknown = [a for a in arms if a not in ARM_FUNCS]
+    if unknown:
+        raise ValueError(f"unknown arm(s) {unknown}; choose from {list(ARM_FUNCS)}")
+    check_settings(settings, arms)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sft = sft or str(ROOT / "runs" / "sentiment-cpu" / "sft" / "model")
@@ -203,18 +347,21 @@ def run(out_dir: str | Path, sft: str | None = None, rm_dir: str | None = None, 
     for path in (sft, rm_dir):
         if not Path(path).is_dir():
             raise RuntimeError(f"{path} does not exist; run `make run` (the pipeline) first, or pass --sft/--rm")
-    results: dict[str, Any] = {"settings": SETTINGS, "sft": sft, "reward_model": rm_dir, "threads": threads,
+    results: dict[str, Any] = {"settings": settings, "sft": sft, "reward_model": rm_dir, "threads": threads,
                                "parallel": parallel}
     procs: dict[str, tuple[subprocess.Popen, float]] = {}
     for arm in arms:
         env = dict(os.environ)
-        if arm.startswith("trl"):
-            if not (TRL_PATH / "trl").is_dir():
-                results[arm] = {"skipped": f"TRL 1.12.0 not installed; run: .venv/bin/pip install --no-deps --target {TRL_PATH} trl==1.12.0"}
+        if arm in TRL_INSTALLS:
+            # Each TRL on the path of its own arm's process only: the two versions never meet.
+            path, version = TRL_INSTALLS[arm]
+            if not (path / "trl").is_dir():
+                results[arm] = {"skipped": f"TRL {version} not installed; run: "
+                                           f".venv/bin/pip install --no-deps --target {path} trl=={version}"}
                 continue
-            env["PYTHONPATH"] = f"{TRL_PATH}{os.pathsep}{env.get('PYTHONPATH', '')}"
+            env["PYTHONPATH"] = os.pathsep.join(x for x in (str(path), env.get("PYTHONPATH")) if x)
         cmd = [sys.executable, "-m", "palate.bench.lm_ppo", "--arm", arm, "--work", str(out), "--sft", sft,
-               "--rm", rm_dir, "--threads", str(threads)]
+               "--rm", rm_dir, "--threads", str(threads), *_settings_flags(settings)]
         procs[arm] = (subprocess.Popen(cmd, env=env, cwd=ROOT), time.perf_counter())
         if not parallel:  # one at a time: each arm has the machine to itself
             procs[arm][0].wait()
@@ -225,7 +372,14 @@ def run(out_dir: str | Path, sft: str | None = None, rm_dir: str | None = None, 
             continue
         results[arm] = json.loads((out / f"{arm}.json").read_text())
         results[arm]["process_wall_s"] = time.perf_counter() - start
-    lines = ["| arm | train wall (s) | generated tokens/s | peak RSS (MB) | RM score (test) | KL to SFT (nats) | "
+    s = settings
+    lines = [f"Budget: {s['iterations']} iterations x {s['batch_size']} completions (trl-rloo: "
+             f"{s['batch_size'] // s['rloo_k']} prompts x {s['rloo_k']}), minibatch {s['mini_batch_size']}, "
+             f"{s['ppo_epochs']} epochs, {s['max_new_tokens']} new tokens, lr {s['learning_rate']:g}, "
+             f"KL coef {s['kl_coef']:g}, last {s['trainable_layers']} blocks trained, seed {s['seed']}; "
+             f"evaluation: {s['eval_prompts']} test prompts x 2 samples; {threads} thread(s) per arm"
+             f"{', arms in parallel' if parallel else ''}.", "",
+             "| arm | train wall (s) | generated tokens/s | peak RSS (MB) | RM score (test) | KL to SFT (nats) | "
              "held-out win rate vs SFT |", "|---|---|---|---|---|---|---|"]
     for arm in arms:
         r = results.get(arm, {})
@@ -245,17 +399,26 @@ def run(out_dir: str | Path, sft: str | None = None, rm_dir: str | None = None, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m palate.bench.lm_ppo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arm", choices=["palate", "trl-ppo"], help="run one arm (internal)")
-    parser.add_argument("--work", default="bench-results/lm-ppo")
-    parser.add_argument("--sft", default=None)
-    parser.add_argument("--rm", default=None)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--arms", default="palate,trl-ppo")
+    parser.add_argument("--arm", choices=list(ARM_FUNCS), help="run one arm (internal)")
+    parser.add_argument("--work", default="bench-results/lm-ppo", help="directory for runs, tables and JSON")
+    parser.add_argument("--sft", default=None, help="SFT policy (default: runs/sentiment-cpu/sft/model)")
+    parser.add_argument("--rm", default=None, help="palate reward model (default: runs/sentiment-cpu/rm/model)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per arm")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     parser.add_argument("--parallel", action="store_true", help="run the arms at the same time")
+    for key, help_ in _FLAG_HELP.items():
+        default = SETTINGS[key]
+        parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=type(default), default=default,
+                            help=f"{help_} (default {default})")
     args = parser.parse_args(argv)
+    settings = {**SETTINGS, **{k: getattr(args, k) for k in _FLAG_HELP}}
     if args.arm:
-        return _child(args.arm, Path(args.work), args.sft, args.rm, args.threads)
-    run(args.work, args.sft, args.rm, tuple(args.arms.split(",")), args.threads, args.parallel)
+        return _child(args.arm, Path(args.work), args.sft, args.rm, args.threads, settings)
+    arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+    try:
+        run(args.work, args.sft, args.rm, arms, args.threads, args.parallel, settings)
+    except ValueError as err:
+        parser.error(str(err))
     return 0
 
 
