@@ -151,13 +151,18 @@ def sample(
     return RolloutBatch(query_ids, query_mask, response_ids, response_mask, ended)
 
 
-def logits_to_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log p(token), entropy)`` per position from ``[B, L, V]`` logits at ``temperature``."""
+def logits_to_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                       entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p(token), entropy)`` per position from ``[B, L, V]`` logits at ``temperature``.
+
+    ``entropy_grad=False`` computes the entropy outside the autograd graph: when it is only logged
+    (no entropy bonus), its backward over the whole vocabulary would be work for a zero gradient.
+    """
     logits = logits.float() / temperature
     logp_all = F.log_softmax(logits, dim=-1)
     logp = torch.gather(logp_all, -1, tokens.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
 
 

@@ -480,11 +480,13 @@ class LMPPOTrainer:
         with self.accelerator.autocast():
             logits, vpred, ptx_nll = self.model(mb.input_ids, mb.attention_mask, mb.query_ids.shape[1], ptx_ids,
                                                 *prefixes)
-        logp, ent = logits_to_logprobs(logits, mb.response_ids, cfg.temperature)
+        logp, ent = logits_to_logprobs(logits, mb.response_ids, cfg.temperature, entropy_grad=cfg.ent_coef != 0)
         pg_loss, pg_stats = clipped_surrogate_loss(logp, take(ro.logprobs), take(ro.advantages), cfg.clip_range, mask)
         vf_loss, vf_stats = value_loss(vpred.float(), take(ro.values), take(ro.returns), cfg.clip_range_vf, mask)
         entropy = masked_mean(ent, mask)
-        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+        loss = pg_loss + cfg.vf_coef * vf_loss
+        if cfg.ent_coef != 0:
+            loss = loss - cfg.ent_coef * entropy
         if ptx_nll is not None:
             # PPO-ptx (InstructGPT eq. 2): maximise gamma * E_pretrain[log pi(x)].
             loss = loss + cfg.ptx_coef * ptx_nll.float()
