@@ -68,6 +68,30 @@ def pack_examples(encoded: Sequence[dict[str, list[int]]], max_length: int) -> l
     return blocks
 
 
+def sft_forward_loss_sums(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sft_loss_sums` of ``model`` on ``batch``, with the unembedding run only where it is read.
+
+    The loss reads the logits at positions whose next token is a target, not at prompt or padding
+    positions; on short demonstrations that is about half the positions, and the LM head (576 x
+    49,152 in SmolLM2, eight blocks' worth) with its backward is a large share of a step. A model
+    whose forward takes a boolean ``logits_to_keep`` mask computes only those rows; the loss is
+    the same sum over the same targets (``tests/lm/test_sft.py``). Other models take the full path.
+    """
+    from palate.lm.generation import keep_response_logits
+
+    labels = batch["labels"]
+    inner = getattr(model, "module", model)  # under DDP, ask the wrapped model
+    if not keep_response_logits(inner, 1):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return sft_loss_sums(logits, labels)
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    targets = labels[:, 1:][keep[:, :-1]]
+    loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="sum")
+    return loss_sum, targets.new_tensor(targets.numel())
+
+
 def sft_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum of token losses, number of target tokens)``: next-token CE where ``labels != -100``."""
     shift_logits = logits[:, :-1].float()
@@ -230,8 +254,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard) if accelerator.is_main_process else None
 
     def micro_step(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum, n = sft_loss_sums(logits, batch["labels"])
+        loss_sum, n = sft_forward_loss_sums(model, batch)
         # Mean over the *global* number of target tokens (see palate.lm.training).
         n_global = accelerator.reduce(n.detach().float().clone(), "sum").clamp_min(1.0)
         return {"loss": loss_sum * accelerator.num_processes / n_global, "loss_sum": loss_sum.detach(),

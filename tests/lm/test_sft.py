@@ -87,3 +87,30 @@ def test_train_sft_writes_a_loadable_model_and_metrics(tiny_dir: Path, tmp_path:
     assert not any("lora_" in n for n, _ in loaded.named_parameters())
     assert (run / "adapter" / "adapter_config.json").is_file()
     assert (run / "config.yaml").is_file()
+
+
+def test_forward_loss_on_target_positions_only_equals_the_full_loss() -> None:
+    """The head run only where targets are read gives the full-logits loss and gradients."""
+    from palate.lm.sft import sft_forward_loss_sums
+    from palate.lm.testing import tiny_causal_lm
+
+    model, _tok = tiny_causal_lm()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 300, (3, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0  # right padding
+    labels = ids.clone()
+    labels[0, :4] = -100
+    labels[1, :2] = -100
+    labels[2, :5] = -100
+    labels[2, 6:] = -100
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    loss_a, n_a = sft_forward_loss_sums(model, batch)
+    grads_a = torch.autograd.grad(loss_a, list(model.parameters()))
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    loss_b, n_b = sft_loss_sums(logits, labels)
+    grads_b = torch.autograd.grad(loss_b, list(model.parameters()))
+    assert int(n_a) == int(n_b) == int((labels[:, 1:] != -100).sum()) == 5 + 7 + 1
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-4, rtol=1e-5)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-4)
