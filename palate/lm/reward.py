@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from palate.config import config_to_dict
 from palate.errors import ConfigError, ModelError
 from palate.lm.configs import RMConfig
 from palate.lm.formatting import encode_prompt_completion, last_token_index, pad_batch, position_ids_from_mask
@@ -393,13 +392,12 @@ def train_reward_model(cfg: RMConfig) -> Path:
     from palate.lm.models import load_model
     from palate.lm.training import (
         TrainLoop,
-        make_accelerator,
         make_loader,
         make_optimizer_and_scheduler,
         peak_rss_mb,
-        split_train_val,
+        start_run,
     )
-    from palate.runs import MetricsLogger, atomic_write_json, prepare_run_dir, seed_everything
+    from palate.runs import MetricsLogger, atomic_write_json
 
     cfg.validate()
     # Read and validate the data before creating the run directory: a bad line leaves no half-made run.
@@ -407,17 +405,7 @@ def train_reward_model(cfg: RMConfig) -> Path:
     chat = cfg.chat if cfg.chat is not None else (task.chat if task else False)
     held_out = cfg.held_out_labeller or (task.panel.held_out_name if task else "")
 
-    train = read_comparisons(cfg.train_data)
-    if cfg.val_data:
-        val = read_comparisons(cfg.val_data)
-    else:
-        train, val = split_train_val(train, cfg.val_fraction, cfg.seed)
-    accelerator = make_accelerator(cfg.cpu, cfg.mixed_precision, cfg.gradient_accumulation_steps)
-    run_dir = Path(cfg.runs_dir) / cfg.run_name
-    if accelerator.is_main_process:
-        prepare_run_dir(run_dir, config_to_dict(cfg), overwrite=cfg.overwrite)
-    accelerator.wait_for_everyone()
-    seed_everything(cfg.seed)
+    train, val, accelerator, run_dir = start_run(cfg, read_comparisons)
     if held_out and any(c.labeller == held_out for c in train):
         log.warning("training data contains comparisons by the held-out labeller '%s'; its accuracy "
                     "is then not a held-out measurement", held_out)

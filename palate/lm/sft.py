@@ -27,7 +27,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from palate.config import config_to_dict
 from palate.errors import ConfigError
 from palate.lm.configs import SFTConfig
 from palate.lm.formatting import encode_prompt_completion, encode_text_pair, format_messages, pad_batch
@@ -192,30 +191,19 @@ def train_sft(cfg: SFTConfig) -> Path:
     from palate.lm.models import LoraSettings, load_model
     from palate.lm.training import (
         TrainLoop,
-        make_accelerator,
         make_loader,
         make_optimizer_and_scheduler,
         peak_gpu_mb,
         peak_rss_mb,
-        split_train_val,
+        start_run,
     )
-    from palate.runs import MetricsLogger, atomic_write_json, prepare_run_dir, seed_everything
+    from palate.runs import MetricsLogger, atomic_write_json
 
     cfg.validate()
     # Read and validate the data before creating the run directory: a bad line leaves no half-made run.
     task = load_task(cfg.task) if cfg.task else None
     chat = cfg.chat if cfg.chat is not None else (task.chat if task else True)
-    train = read_sft(cfg.train_data)
-    if cfg.val_data:
-        val = read_sft(cfg.val_data)
-    else:
-        train, val = split_train_val(train, cfg.val_fraction, cfg.seed)
-    accelerator = make_accelerator(cfg.cpu, cfg.mixed_precision, cfg.gradient_accumulation_steps)
-    run_dir = Path(cfg.runs_dir) / cfg.run_name
-    if accelerator.is_main_process:
-        prepare_run_dir(run_dir, config_to_dict(cfg), overwrite=cfg.overwrite)
-    accelerator.wait_for_everyone()
-    seed_everything(cfg.seed)
+    train, val, accelerator, run_dir = start_run(cfg, read_sft)
 
     lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha) if cfg.use_lora else None
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, cache_dir=cfg.cache_dir or None, lora=lora,

@@ -49,6 +49,33 @@ def split_train_val(items: Sequence[T], fraction: float, seed: int) -> tuple[lis
     return train, val
 
 
+def start_run(cfg: Any, read: Callable[[str], list[T]]) -> tuple[list[T], list[T], Any, Any]:
+    """``(train, val, accelerator, run_dir)`` for an SFT or reward-model config.
+
+    The data is read and validated (``read``) before the run directory exists, so a bad line
+    leaves no half-made run; without ``val_data``, ``val_fraction`` of the training data is held
+    out. Then the accelerator, the run directory (main process only, as ``config.yaml``), a
+    barrier, and the seed.
+    """
+    from pathlib import Path
+
+    from palate.config import config_to_dict
+    from palate.runs import prepare_run_dir, seed_everything
+
+    train = read(cfg.train_data)
+    if cfg.val_data:
+        val = read(cfg.val_data)
+    else:
+        train, val = split_train_val(train, cfg.val_fraction, cfg.seed)
+    accelerator = make_accelerator(cfg.cpu, cfg.mixed_precision, cfg.gradient_accumulation_steps)
+    run_dir = Path(cfg.runs_dir) / cfg.run_name
+    if accelerator.is_main_process:
+        prepare_run_dir(run_dir, config_to_dict(cfg), overwrite=cfg.overwrite)
+    accelerator.wait_for_everyone()
+    seed_everything(cfg.seed)
+    return train, val, accelerator, run_dir
+
+
 def make_loader(items: Sequence[Any], batch_size: int, collate: Callable[[list[Any]], Any], *,
                 shuffle: bool, seed: int) -> torch.utils.data.DataLoader:
     """A DataLoader over pre-tokenised items with a seeded order (``batch_size`` = global batch).
