@@ -234,6 +234,8 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from palate.lm.generation import contiguous_head_input
+
     path = resolve_model_path(name_or_path, cache_dir)
     kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype)}
     if lora is not None and lora.load_in_4bit:
@@ -248,6 +250,7 @@ def load_model(
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if "quantization_config" not in kwargs:
         model.to(device)
+    contiguous_head_input(model)
     if gradient_checkpointing:
         enable_checkpointing(model)
     if lora is not None:

@@ -40,11 +40,14 @@ from palate.core.stats import masked_mean, whiten
 from palate.errors import CheckpointError, ConfigError
 from palate.lm.generation import (
     RolloutBatch,
+    SampleTrace,
+    contiguous_head_input,
     decode_responses,
     keep_response_logits,
     logits_to_logprobs,
     position_ids_from_mask,
     sample,
+    sample_traced,
     take_response_logits,
 )
 from palate.lm.prefix import (
@@ -299,7 +302,9 @@ class LMPPOTrainer:
         self.device = self.accelerator.device
 
         self.reference = reference
+        contiguous_head_input(policy)
         if reference is not None:
+            contiguous_head_input(reference)
             reference.requires_grad_(False)
             reference.eval()
             reference.to(self.device)
@@ -345,33 +350,39 @@ class LMPPOTrainer:
                  "(0 = full passes)", net.policy_start, net.value_start, self.ref_shares_prefix)
 
     @torch.no_grad()
-    def _forward_rollout(self, batch: RolloutBatch) -> tuple[torch.Tensor | None, ...]:
+    def _forward_rollout(self, batch: RolloutBatch, trace: SampleTrace | None = None) -> tuple[torch.Tensor | None, ...]:
         """Rollout-time log pi, log rho, entropy, V and the cached prefixes, in chunks of
-        ``forward_batch_size``."""
+        ``forward_batch_size``. With a generation ``trace`` log pi, the entropy and the policy's
+        prefix come from it and the policy is not run again."""
         cfg, net = self.cfg, self.unwrapped
         outs: list[tuple[torch.Tensor, ...]] = []
         for start in range(0, len(batch), cfg.forward_batch_size):
-            mb = batch.select(torch.arange(start, min(start + cfg.forward_batch_size, len(batch)))).to(self.device)
+            rows = torch.arange(start, min(start + cfg.forward_batch_size, len(batch)))
+            mb = batch.select(rows).to(self.device)
             p, r = mb.query_ids.shape[1], mb.response_ids.shape[1]
             position_ids = position_ids_from_mask(mb.attention_mask)
             inputs = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=position_ids,
                           use_cache=False)
             keep = keep_response_logits(net.policy, r)
             policy_prefix = value_prefix = None
-            if net.policy_start:
-                out, policy_prefix = forward_capture(net.policy, net.policy_start, **inputs, **keep)
+            if trace is not None:
+                logp, ent = trace.logprobs[rows].to(self.device), trace.entropy[rows].to(self.device)
+                if net.policy_start:
+                    assert trace.hidden is not None
+                    policy_prefix = trace.hidden[rows].to(self.device)
             else:
-                out = net.policy(**inputs, **keep)
-            logits = take_response_logits(out.logits, r)
-            del out
+                if net.policy_start:
+                    out, policy_prefix = forward_capture(net.policy, net.policy_start, **inputs, **keep)
+                else:
+                    out = net.policy(**inputs, **keep)
+                logp, ent = logits_to_logprobs(take_response_logits(out.logits, r), mb.response_ids, cfg.temperature)
+                del out
             if net.value_start:
                 values, value_prefix = net.value.forward_capture(mb.input_ids, mb.attention_mask, position_ids,
                                                                  net.value_start)
             else:
                 values = net.value(mb.input_ids, mb.attention_mask, position_ids)
             values = values[:, p - 1:-1]
-            logp, ent = logits_to_logprobs(logits, mb.response_ids, cfg.temperature)
-            del logits
             ref_logits = self._reference_logits(mb, policy_prefix)
             ref_logp, _ = logits_to_logprobs(ref_logits, mb.response_ids, cfg.temperature)
             del ref_logits
@@ -400,10 +411,15 @@ class LMPPOTrainer:
         cfg = self.cfg
         index = self.sampler.next(cfg.batch_size)
         prompts = [self.prompts[i] for i in index]
-        batch = sample(self.unwrapped.policy, self.tokenizer, [self.prompt_ids[i] for i in index],
-                       self.max_new_tokens, cfg.temperature)
+        ids = [self.prompt_ids[i] for i in index]
+        trace = None
+        if cfg.reuse_generation:
+            batch, trace = sample_traced(self.unwrapped.policy, self.tokenizer, ids, self.max_new_tokens,
+                                         cfg.temperature, capture_block=self.unwrapped.policy_start or None)
+        else:
+            batch = sample(self.unwrapped.policy, self.tokenizer, ids, self.max_new_tokens, cfg.temperature)
         completions = decode_responses(self.tokenizer, batch)
-        logp, ref_logp, entropy, values, policy_prefix, value_prefix = self._forward_rollout(batch)
+        logp, ref_logp, entropy, values, policy_prefix, value_prefix = self._forward_rollout(batch, trace)
         scores = torch.as_tensor(self.score_fn(prompts, completions), dtype=torch.float32).detach().cpu().view(-1)
         ro = self._shape(batch, prompts, completions, scores, logp, ref_logp, values, entropy)
         ro.policy_prefix, ro.value_prefix = policy_prefix, value_prefix

@@ -60,6 +60,8 @@ class LMPPOConfig:
     trainable_layers: int = doc_field(0, "train only the last N transformer blocks (0 = all); cheap on CPU")
     cache_frozen_prefix: bool = doc_field(
         True, "with trainable_layers: run the frozen lower blocks once per rollout, not in every update step")
+    reuse_generation: bool = doc_field(
+        True, "take the rollout's log pi (and prefix cache) from generation, not from a second policy forward")
     iterations: int = doc_field(20, "PPO iterations (rollout + update)")
     online_every: int = doc_field(0, "every M iterations collect new comparisons and retrain the RM (0 = off)")
     online_prompts: int = doc_field(8, "prompts per online collection round")

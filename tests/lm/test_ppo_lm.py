@@ -146,9 +146,10 @@ def test_frozen_prefix_cache_gives_the_same_updates_as_full_passes():
     """With only the top block trained, the cached-prefix path must follow the full-pass path."""
     from palate.lm.ppo import freeze_all_but_last_layers
 
-    def run(cache):
+    def run(cache, reuse=True):
         cfg = LMPPOConfig(reward_fn="x", batch_size=4, mini_batch_size=2, iterations=2, learning_rate=1e-2,
-                          max_new_tokens=6, device="cpu", ppo_epochs=2, trainable_layers=1, cache_frozen_prefix=cache)
+                          max_new_tokens=6, device="cpu", ppo_epochs=2, trainable_layers=1, cache_frozen_prefix=cache,
+                          reuse_generation=reuse)
         seed_everything(0)
         model, tok = tiny_causal_lm(seed=0)
         value = ValueModel.from_causal_lm(model)
@@ -159,8 +160,10 @@ def test_frozen_prefix_cache_gives_the_same_updates_as_full_passes():
         metrics = [trainer.step()[0] for _ in range(cfg.iterations)]
         return trainer, metrics
 
-    cached, m_cached = run(True)
-    full, m_full = run(False)
+    # Both recompute log pi with a policy forward: generation's values differ in the last bits, and
+    # where a gradient is exactly 0 on one path Adam turns 1e-8 on the other into a full step.
+    cached, m_cached = run(True, reuse=False)
+    full, m_full = run(False, reuse=False)
     assert (cached.unwrapped.policy_start, cached.unwrapped.value_start, cached.ref_shares_prefix) == (1, 1, True)
     assert (full.unwrapped.policy_start, full.unwrapped.value_start) == (0, 0)
     for a, b in zip(m_cached, m_full):
@@ -168,3 +171,37 @@ def test_frozen_prefix_cache_gives_the_same_updates_as_full_passes():
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
     for (name, p), q in zip(cached.unwrapped.named_parameters(), full.unwrapped.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_traced_sample_matches_a_full_forward(chunk):
+    """log pi, entropy and the block-1 hidden state read off generation equal a full forward's."""
+    from palate.lm.generation import sample_traced
+    from palate.lm.prefix import forward_capture
+
+    model, tok = tiny_causal_lm()
+    prompts = [tok.encode(p) for p in PROMPTS]
+    seed_everything(0)
+    batch, trace = sample_traced(model, tok, prompts, max_new_tokens=8, batch_size=chunk, capture_block=1)
+    seed_everything(0)
+    assert torch.equal(sample(model, tok, prompts, max_new_tokens=8, batch_size=chunk).response_ids,
+                       batch.response_ids)  # tracing does not change what is sampled
+    logp, ent = response_logprobs(model, batch, with_entropy=True)
+    torch.testing.assert_close(trace.logprobs, logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(trace.entropy, ent, atol=1e-5, rtol=1e-5)
+    mask = batch.attention_mask.bool()
+    mask[:, -1] = False  # the last sampled token is never fed back: nothing reads its hidden state
+    _, hidden = forward_capture(model, 1, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp_min(0), use_cache=False)
+    assert trace.hidden.shape == hidden.shape
+    torch.testing.assert_close(trace.hidden[mask], hidden[mask], atol=1e-5, rtol=1e-5)
+    assert torch.all(trace.hidden[~mask] == 0)  # padding, post-EOS and that last position
+
+
+def test_rollout_from_generation_equals_rollout_from_a_policy_forward():
+    cfgs = [LMPPOConfig(reward_fn="x", batch_size=4, mini_batch_size=2, max_new_tokens=6, device="cpu",
+                        reuse_generation=reuse) for reuse in (True, False)]
+    a, b = (make_trainer(cfg).rollout() for cfg in cfgs)
+    assert torch.equal(a.batch.response_ids, b.batch.response_ids)
+    for name in ("logprobs", "ref_logprobs", "values", "entropy", "rewards", "advantages", "returns"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5, msg=name)
