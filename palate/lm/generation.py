@@ -210,9 +210,12 @@ def _sample(model: torch.nn.Module, tokenizer, prompt_ids: Sequence[Sequence[int
             response = sequences[:, q.shape[1]:]
             responses.append(response.cpu())
             if traced:
-                logp, ent = logits_to_logprobs(torch.stack(out.logits, 1), response, temperature)
-                logps.append(logp.cpu())
-                ents.append(ent.cpu())
+                # Step by step: stacking would hold a second [b, R, V] copy of the logits.
+                steps = [logits_to_logprobs(step_logits.unsqueeze(1), response[:, t:t + 1], temperature)
+                         for t, step_logits in enumerate(out.logits)]
+                logps.append(torch.cat([lp for lp, _ in steps], 1).cpu())
+                ents.append(torch.cat([e for _, e in steps], 1).cpu())
+                del out
             if capture_block is not None:
                 # Prefill gave the prompt's positions, each decoding step one more; the last sampled
                 # token was never fed back, and the trimmed left padding is put back as zeros.

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from palate.lm.generation import decode_responses, sample
+from palate.lm.training import adamw
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class OnlineCollector:
         params = [p for p in self.rm.parameters() if p.requires_grad] or list(self.rm.parameters())
         for p in params:
             p.requires_grad_(True)
-        self.optimizer = torch.optim.AdamW(params, lr=learning_rate)
+        self.optimizer = adamw(params, lr=learning_rate)
         self.rounds = 0
 
     @classmethod

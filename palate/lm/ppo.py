@@ -61,6 +61,7 @@ from palate.lm.prefix import (
 from palate.lm.pretrain_text import PretrainBatches, lm_nll
 from palate.lm.rl_configs import LMPPOConfig
 from palate.lm.sft import save_causal_lm
+from palate.lm.training import adamw
 from palate.runs import (
     MetricsLogger,
     atomic_torch_save,
@@ -314,7 +315,7 @@ class LMPPOTrainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("nothing to train: every parameter is frozen (check lora_r / trainable_layers)")
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        optimizer = adamw(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         self.unwrapped: PolicyAndValue = self.accelerator.unwrap_model(self.model)
         self.ref_shares_prefix = False

@@ -91,14 +91,28 @@ def make_loader(items: Sequence[Any], batch_size: int, collate: Callable[[list[A
                                        collate_fn=collate, generator=generator, drop_last=drop_last)
 
 
+def adamw(params: Any, lr: float, **kwargs: Any) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` with PyTorch's fused kernel where it has one for these parameters.
+
+    On the CPU the fused step is several times faster than the default: measured here on 40M
+    float32 parameters (six SmolLM2 blocks of a policy and a value model), one thread, 0.06 s
+    against 0.29 s per step; an LM PPO iteration takes eight such steps. Same update rule.
+    """
+    groups = list(params)
+    flat = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = bool(flat) and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16,
+                                                                                  torch.bfloat16) for p in flat)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None, **kwargs)
+
+
 def make_optimizer_and_scheduler(model: torch.nn.Module, lr: float, weight_decay: float, warmup_ratio: float,
                                  steps: int) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW over trainable parameters; linear warm-up then cosine decay to 10% of ``lr``."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]  # norms and biases are not decayed
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    optimizer = adamw([{"params": decay, "weight_decay": weight_decay},
+                       {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
     warmup = int(warmup_ratio * steps)
 
     def factor(step: int) -> float:

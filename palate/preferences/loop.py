@@ -100,6 +100,9 @@ class PreferenceConfig:
         True, "switch off early termination where the env allows it, so episode ends leak no reward")
     fall_penalty: float = doc_field(
         10.0, "fixed-length MuJoCo episodes: reward subtracted per step spent fallen (replaces termination)")
+    reward_offset: float = doc_field(
+        0.0, "added to the normalised r_hat the policy optimises; > 0 makes staying alive worth something when "
+        "episodes can end early (zero-mean rewards make ending an episode free)")
     rm_hidden_sizes: list[int] = doc_field([64, 64], "hidden widths of each reward predictor")
     rm_dropout: float = doc_field(0.2, "dropout in the reward predictors")
     rm_lr: float = doc_field(1e-3, "reward-model Adam step size")
@@ -411,7 +414,12 @@ class PreferenceTrainer:
         fields = {"env": cfg.env, "seed": cfg.seed, "torch_threads": cfg.torch_threads, **cfg.rl,
                   "total_steps": cfg.steps}
         rl_cfg = config_from_dict(config_cls, fields, source="PreferenceConfig.rl")
-        return algo_cls(rl_cfg, reward_fn=self.model.predict, rollout_callback=self.pool.add_rollout)
+        return algo_cls(rl_cfg, reward_fn=self._policy_reward, rollout_callback=self.pool.add_rollout)
+
+    def _policy_reward(self, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """What PPO/TRPO optimise: the normalised r_hat, plus ``reward_offset``."""
+        r = self.model.predict(obs, actions)
+        return r + np.float32(self.cfg.reward_offset) if self.cfg.reward_offset else r
 
     def _make_vec_env(self, sub_envs: list[Any] | None = None) -> Any:
         """The run's one vector env (``sub_envs``: environments restored from a checkpoint)."""
@@ -767,7 +775,7 @@ class PreferenceTrainer:
 
         if state["policy"] is not None:
             algo_cls, _ = self._algo_classes()
-            self.policy = algo_cls.from_state_dict(state["policy"], source=str(path), reward_fn=self.model.predict,
+            self.policy = algo_cls.from_state_dict(state["policy"], source=str(path), reward_fn=self._policy_reward,
                                                    rollout_callback=self.pool.add_rollout)
             self.policy.config.total_steps = self.cfg.steps
             snapshot = blob["env_snapshot"]

@@ -170,3 +170,12 @@ def test_fixed_length_episodes_where_the_env_allows():
             break
     # The pole falls within a few dozen steps, yet the episode runs to the time limit, paying 0.
     assert steps == 500 and truncated and 5 < sum(rewards) < 50
+
+
+def test_reward_offset_shifts_only_what_the_policy_sees(tmp_path):
+    trainer = PreferenceTrainer(_tiny(tmp_path, "off", reward_offset=0.5))
+    obs = np.random.default_rng(0).normal(size=(7, 3)).astype(np.float32)
+    actions = np.zeros((7, 1), np.float32)
+    base = trainer.model.predict(obs, actions)
+    np.testing.assert_allclose(trainer._policy_reward(obs, actions), base + 0.5, rtol=1e-6)
+    assert trainer._build_policy().reward_fn == trainer._policy_reward
