@@ -205,3 +205,14 @@ def test_rollout_from_generation_equals_rollout_from_a_policy_forward():
     assert torch.equal(a.batch.response_ids, b.batch.response_ids)
     for name in ("logprobs", "ref_logprobs", "values", "entropy", "rewards", "advantages", "returns"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_contiguous_head_input_keeps_logits_and_installs_once():
+    from palate.lm.generation import contiguous_head_input, keep_response_logits
+
+    model, tok = tiny_causal_lm()
+    ids = torch.tensor([tok.encode("The movie was good and")])
+    before = model(ids, **keep_response_logits(model, 3)).logits
+    contiguous_head_input(contiguous_head_input(model))
+    assert len(model.lm_head._forward_pre_hooks) == 1
+    torch.testing.assert_close(model(ids, **keep_response_logits(model, 3)).logits, before)
