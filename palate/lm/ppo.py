@@ -364,7 +364,6 @@ class LMPPOTrainer:
             position_ids = position_ids_from_mask(mb.attention_mask)
             inputs = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=position_ids,
                           use_cache=False)
-            keep = keep_response_logits(net.policy, r)
             policy_prefix = value_prefix = None
             if trace is not None:
                 logp, ent = trace.logprobs[rows].to(self.device), trace.entropy[rows].to(self.device)
@@ -372,6 +371,7 @@ class LMPPOTrainer:
                     assert trace.hidden is not None
                     policy_prefix = trace.hidden[rows].to(self.device)
             else:
+                keep = keep_response_logits(net.policy, r)
                 if net.policy_start:
                     out, policy_prefix = forward_capture(net.policy, net.policy_start, **inputs, **keep)
                 else:
