@@ -227,6 +227,37 @@ def plot_return_vs_labels(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def load_rows(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Rows from result files: a ``prefs.json`` report (its ``rows``) or one row per JSON file.
+
+    A 1M-step grid is hours of CPU per row, so rows are often run as separate processes, on
+    several machines or over several days; this gathers them into one table and plot.
+    """
+    rows: list[dict[str, Any]] = []
+    for p in paths:
+        try:
+            data = json.loads(Path(p).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{p}: not a readable JSON result file ({exc}); pass prefs.json or row files") from exc
+        found = data.get("rows", [data]) if isinstance(data, dict) else data
+        for r in found:
+            if not isinstance(r, dict) or "env" not in r or "method" not in r:
+                raise ValueError(f"{p}: a row needs 'env' and 'method' (as run_palate/run_true_reward write them)")
+            rows.append(r)
+    return rows
+
+
+def report(paths: Sequence[str | Path], out_dir: str | Path) -> str:
+    """Write ``prefs.md`` and ``prefs_return_vs_labels.png`` for the rows of ``paths``; returns the table."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = load_rows(paths)
+    table = markdown_table(rows)
+    (out_dir / "prefs.md").write_text(table)
+    plot_return_vs_labels(rows, out_dir / "prefs_return_vs_labels.png")
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m palate.bench.prefs --steps 100000 --seeds 0 --envs Hopper-v5``: a scaled-down run."""
     import argparse
@@ -240,7 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--algo", choices=["ppo", "trpo"], default=None, help="default: each YAML's algo")
     parser.add_argument("--eval-episodes", type=int, default=10)
     parser.add_argument("--no-peer", action="store_true", help="skip imitation")
+    parser.add_argument("--report", nargs="+", metavar="JSON", default=None,
+                        help="run nothing: gather rows from these result files into --out's table and plot")
     args = parser.parse_args(argv)
+    if args.report:
+        print(report(args.report, args.out))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = run(args.out, envs=args.envs.split(","), label_counts=[int(x) for x in args.labels.split(",")],
               seeds=[int(x) for x in args.seeds.split(",")], steps=int(args.steps), algo=args.algo,
