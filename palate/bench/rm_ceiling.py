@@ -153,7 +153,9 @@ def run(train_path: Path, val_path: Path, out_dir: Path, task_name: str = "senti
                 result["probes"].append(row)
                 print(json.dumps(row), flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "rm_ceiling.json").write_text(json.dumps(result, indent=2))
+    tmp = out_dir / "rm_ceiling.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out_dir / "rm_ceiling.json")  # atomic: a killed run never leaves half a file
     return result
 
 
