@@ -57,6 +57,7 @@ def _pairs(ids: Sequence[int], ranks: Sequence[int], labeller: str) -> list[Pair
 def extract_features(model: Any, tokenizer: Any, texts: Sequence[tuple[str, str]], layers: Sequence[int],
                      chat: bool, max_length: int = 128, batch_size: int = 16) -> dict[str, torch.Tensor]:
     """``{"last<L>": [N, H], "mean<L>": [N, H]}``: hidden states of layer L per (prompt, completion)."""
+    from palate.core.stats import masked_mean
     from palate.lm.formatting import (
         encode_prompt_completion,
         last_token_index,
@@ -74,16 +75,18 @@ def extract_features(model: Any, tokenizer: Any, texts: Sequence[tuple[str, str]
                        output_hidden_states=True, use_cache=False)
         rows = torch.arange(batch["input_ids"].shape[0])
         idx = last_token_index(batch["attention_mask"])
-        on_completion = batch["completion_mask"].float().unsqueeze(-1)
+        on_completion = batch["completion_mask"].unsqueeze(-1)
         for layer in layers:
             h = out.hidden_states[layer]
             feats[f"last{layer}"].append(h[rows, idx])
-            feats[f"mean{layer}"].append((h * on_completion).sum(1) / on_completion.sum(1).clamp(min=1.0))
+            feats[f"mean{layer}"].append(masked_mean(h, on_completion, dim=1))
     return {k: torch.cat(v).float() for k, v in feats.items()}
 
 
 def fit_probe(x: torch.Tensor, train: Sequence[Pair], weight_decay: float, steps: int = 400) -> torch.Tensor:
     """Scores ``x @ w`` of a linear Bradley-Terry head fitted on ``train`` (standardised features)."""
+    from palate.core.preference import pairwise_loss
+
     x = (x - x.mean(0)) / (x.std(0) + 1e-6)
     w = torch.zeros(x.shape[1], requires_grad=True)
     opt = torch.optim.Adam([w], lr=1e-2)
@@ -92,7 +95,7 @@ def fit_probe(x: torch.Tensor, train: Sequence[Pair], weight_decay: float, steps
     for _ in range(steps):
         opt.zero_grad()
         r = x @ w
-        loss = torch.nn.functional.softplus(r[lose] - r[win]).mean() + weight_decay * (w ** 2).sum()
+        loss = pairwise_loss(r[win], r[lose]) + weight_decay * (w ** 2).sum()
         loss.backward()
         opt.step()
     return (x @ w).detach()
