@@ -43,6 +43,11 @@ class Batch:
         return Batch(self.obs[idx], self.actions[idx], self.logp[idx], self.values[idx],
                      self.advantages[idx], self.returns[idx])
 
+    def slice(self, start: int, end: int) -> Batch:
+        """Rows ``start:end`` as views: a minibatch of an already shuffled batch, without copies."""
+        return Batch(self.obs[start:end], self.actions[start:end], self.logp[start:end], self.values[start:end],
+                     self.advantages[start:end], self.returns[start:end])
+
 
 class RolloutBuffer:
     """``T`` steps of ``N`` environments.

@@ -63,6 +63,33 @@ def check_spaces(observation_space: gym.Space, action_space: gym.Space, name: st
         raise EnvError(f"{name}: Box actions must be 1-D, got shape {action_space.shape}")
 
 
+class LeanSyncVectorEnv(gym.vector.SyncVectorEnv):
+    """``SyncVectorEnv`` whose SAME_STEP ``step`` does not merge every step's info dicts.
+
+    Gymnasium's sync vector env folds each sub-env's ``info`` into arrays on every step; for a
+    MuJoCo env (eight info keys) that bookkeeping costs more than palate's whole policy forward.
+    palate's loop reads only ``final_obs``, so this class builds ``infos`` (``final_obs`` and
+    ``final_info``, in gymnasium's layout) only on the steps where an episode ends and returns an
+    empty dict otherwise. Everything else is the parent's. To see per-step infos, pass your own
+    ``gymnasium.vector.SyncVectorEnv`` to ``learn``.
+    """
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        if self.autoreset_mode != SAME_STEP or not isinstance(self.single_observation_space, gym.spaces.Box):
+            return super().step(actions)
+        infos: dict[str, Any] = {}
+        env_obs = self._env_obs
+        for i, env in enumerate(self.envs):
+            obs, self._rewards[i], self._terminations[i], self._truncations[i], info = env.step(actions[i])
+            if self._terminations[i] or self._truncations[i]:
+                infos = self._add_info(infos, {"final_obs": obs, "final_info": info}, i)
+                obs, _ = env.reset()
+            env_obs[i] = obs
+        self._observations = np.stack(env_obs).astype(self.single_observation_space.dtype, copy=False)
+        self._autoreset_envs = np.logical_or(self._terminations, self._truncations)
+        return self._observations, self._rewards.copy(), self._terminations.copy(), self._truncations.copy(), infos
+
+
 def make_vec_env(
     source: EnvSource,
     n_envs: int,
@@ -104,7 +131,7 @@ def make_vec_env(
         if vec_env == "subprocess":
             envs: gym.vector.VectorEnv = gym.vector.AsyncVectorEnv(fns, autoreset_mode=SAME_STEP)
         else:
-            envs = gym.vector.SyncVectorEnv(fns, autoreset_mode=SAME_STEP)
+            envs = LeanSyncVectorEnv(fns, autoreset_mode=SAME_STEP)
     except gym.error.Error as err:
         raise EnvError(f"cannot build vector env from {source!r}: {err}") from err
     try:

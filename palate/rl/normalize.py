@@ -62,7 +62,11 @@ class ObsNormalizer:
         if update:
             self.rms.update(obs)
         out = (obs - self.rms.mean) / np.sqrt(self.rms.var + self.eps)
-        return np.clip(out, -self.clip, self.clip).astype(np.float32)
+        # np.minimum/np.maximum rather than np.clip: the same numbers without np.clip's wrapper,
+        # which costs more than the arithmetic on the few rows of a rollout step.
+        np.maximum(out, -self.clip, out=out)
+        np.minimum(out, self.clip, out=out)
+        return out.astype(np.float32)
 
     def state_dict(self) -> dict[str, Any]:
         return {"enabled": self.enabled, "clip": self.clip, "rms": self.rms.state_dict()}

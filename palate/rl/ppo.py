@@ -20,6 +20,7 @@ from palate.core.ppo import AdaptiveKLPenalty, clipped_surrogate_loss, kl_penalt
 from palate.core.stats import clip_grad_norm, explained_variance, whiten
 from palate.rl.buffer import Batch
 from palate.rl.config import PPOConfig
+from palate.rl.fused import FlatParameters, FusedClipStep, adam_step, load_flat_optimizer_state
 from palate.rl.on_policy import OnPolicyAlgorithm
 
 
@@ -42,9 +43,19 @@ class PPO(OnPolicyAlgorithm):
         self.kl_penalty = AdaptiveKLPenalty(self.config.kl_coef, self.config.kl_target)
 
     def _build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        # One flat buffer for all parameters (palate.rl.fused): Adam is then one fused kernel and
+        # gradient clipping two ops; the hand-derived step needs it too.
+        self.flat = FlatParameters(self.policy)
+        self.fused_step = None
+        if self.config.fused_update and self.config.loss == "clip" and self.config.clip_range_vf is None \
+                and FusedClipStep.supports(self.policy):
+            self.fused_step = FusedClipStep(self.flat)
         # eps=1e-5 as in CleanRL and SB3 (the PyTorch default 1e-8 is less stable here).
-        return {"policy": torch.optim.Adam(self.policy.parameters(), lr=self.config.learning_rate, eps=1e-5,
-                                            fused=True)}
+        # Its state is stepped by palate.rl.fused.adam_step (the same update, less overhead).
+        return {"policy": torch.optim.Adam([self.flat.param], lr=self.config.learning_rate, eps=1e-5)}
+
+    def _load_optimizer_state(self, name: str, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        load_flat_optimizer_state(optimizer, state, self.flat)
 
     def update(self, batch: Batch, progress_remaining: float) -> dict[str, Any]:
         cfg, policy, optimizer = self.config, self.policy, self.optimizers["policy"]
@@ -56,9 +67,9 @@ class PPO(OnPolicyAlgorithm):
         if cfg.loss == "kl_penalty":
             # The policy has not moved since the rollout, so this is exactly pi_old.
             with torch.no_grad():
-                old_dist = policy.distribution(batch.obs)
+                old_dist = policy.distribution(batch.obs).detach()  # a copy: Adam moves theta in place
 
-        params = optimizer.param_groups[0]["params"]  # not policy.parameters(): a module walk per step
+        flat, fused = self.flat, self.fused_step
         stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("policy", "value", "entropy", "kl", "clipfrac")}
         # One minibatch per epoch (e.g. the CartPole preset): whiten once and skip the shuffle,
         # which changes nothing but the cost.
@@ -68,38 +79,51 @@ class PPO(OnPolicyAlgorithm):
         stopped_early = False
         for _epoch in range(cfg.n_epochs):
             order = None if full_batch else torch.randperm(len(batch), generator=self.generator)
+            # Shuffle the rollout once per epoch; minibatches are then slices (views, no copies).
+            shuffled = batch if order is None else batch.rows(order)
+            shuffled_old = None if old_dist is None or order is None else old_dist.rows(order)
             for start in range(0, len(batch), cfg.batch_size):
-                idx = None if order is None else order[start:start + cfg.batch_size]
-                mb = batch if idx is None else batch.rows(idx)
+                end = start + cfg.batch_size
+                mb = shuffled if order is None else shuffled.slice(start, end)
                 advantages = mb.advantages
-                if cfg.normalize_advantage and idx is not None and len(idx) > 1:
+                if cfg.normalize_advantage and order is not None and len(mb) > 1:
                     advantages = whiten(advantages)
-                dist = policy.distribution(mb.obs)
-                logp = dist.log_prob(mb.actions)
-                values = policy.value(mb.obs)
-                if old_dist is None:
-                    pg_loss, pg_stats = clipped_surrogate_loss(logp, mb.logp, advantages, clip_range)
+                if fused is not None:
+                    pg_loss, v_loss, entropy, approx_kl, clipfrac = fused(
+                        mb.obs, mb.actions, mb.logp, advantages, mb.returns, clip_range, cfg.vf_coef,
+                        cfg.ent_coef)
+                    if cfg.ent_coef != 0.0:
+                        stats["entropy"].append(entropy)
                 else:
-                    kl = (old_dist if idx is None else old_dist.rows(idx)).kl(dist)
-                    pg_loss, pg_stats = kl_penalty_loss(logp, mb.logp, advantages, kl, self.kl_penalty.kl_coef)
-                v_loss, _ = value_loss(values, mb.values, mb.returns, cfg.clip_range_vf)
-                loss = pg_loss + cfg.vf_coef * v_loss
-                if cfg.ent_coef != 0.0:  # with no bonus the entropy is only logged, once, below
-                    entropy = dist.entropy().mean()
-                    loss = loss - cfg.ent_coef * entropy
-                    stats["entropy"].append(entropy.detach())
+                    dist = policy.distribution(mb.obs)
+                    logp = dist.log_prob(mb.actions)
+                    values = policy.value(mb.obs)
+                    if old_dist is None:
+                        pg_loss, pg_stats = clipped_surrogate_loss(logp, mb.logp, advantages, clip_range)
+                    else:
+                        kl = (old_dist if shuffled_old is None else shuffled_old.slice(start, end)).kl(dist)
+                        pg_loss, pg_stats = kl_penalty_loss(logp, mb.logp, advantages, kl,
+                                                            self.kl_penalty.kl_coef)
+                    approx_kl, clipfrac = pg_stats["approx_kl"], pg_stats.get("clipfrac", torch.zeros(()))
+                    v_loss, _ = value_loss(values, mb.values, mb.returns, cfg.clip_range_vf)
+                    loss = pg_loss + cfg.vf_coef * v_loss
+                    if cfg.ent_coef != 0.0:  # with no bonus the entropy is only logged, once, below
+                        entropy = dist.entropy().mean()
+                        loss = loss - cfg.ent_coef * entropy
+                        stats["entropy"].append(entropy.detach())
                 # SB3's early stop: skip the step that would carry the policy past 1.5 target_kl.
-                if cfg.target_kl is not None and pg_stats["approx_kl"].item() > 1.5 * cfg.target_kl:
+                if cfg.target_kl is not None and approx_kl.item() > 1.5 * cfg.target_kl:
                     stopped_early = True
                     break
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                clip_grad_norm(params, cfg.max_grad_norm)
-                optimizer.step()
+                if fused is None:
+                    flat.zero_grad()  # the module's .grad are views of flat.grad; backward adds into them
+                    loss.backward()
+                clip_grad_norm([flat.grad], cfg.max_grad_norm)
+                adam_step(optimizer, flat)
                 stats["policy"].append(pg_loss.detach())
                 stats["value"].append(v_loss.detach())
-                stats["kl"].append(pg_stats["approx_kl"])
-                stats["clipfrac"].append(pg_stats.get("clipfrac", torch.zeros(())))
+                stats["kl"].append(approx_kl)
+                stats["clipfrac"].append(clipfrac)
             if stopped_early:
                 break
         if not stats["entropy"]:

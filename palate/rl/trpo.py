@@ -61,7 +61,7 @@ class TRPO(OnPolicyAlgorithm):
         obs, actions = batch.obs, batch.actions
         advantages = whiten(batch.advantages) if cfg.normalize_advantage else batch.advantages
         with torch.no_grad():
-            old_dist = policy.distribution(obs)
+            old_dist = policy.distribution(obs).detach()  # a copy: set_flat_params moves theta in place
             # Recomputed rather than taken from the rollout so the ratio is exactly 1 at theta_old.
             old_logp = old_dist.log_prob(actions)
 

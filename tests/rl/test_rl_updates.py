@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -50,3 +51,27 @@ def test_trpo_steps_respect_their_objective(tmp_path, update):
         else:  # rejected: parameters restored, the policy did not move
             assert row["trpo/step_fraction"] == 0 and row["losses/approx_kl"] == pytest.approx(0, abs=1e-9)
     assert rows[-1]["trpo/line_search_success_rate"] == pytest.approx(model.line_search_successes / 4)
+
+
+def test_detached_gaussian_is_a_frozen_copy_of_pi_old():
+    """pi_old must not move with in-place parameter updates, or the KL misses the log-std.
+
+    Regression: the log-std of a policy's distribution is a view of the parameter, so an
+    "old" distribution built under no_grad used to follow every update (KL[old, new] blind to
+    log-std changes, and TRPO's Fisher with no log-std block).
+    """
+    import gymnasium as gym
+    import torch
+
+    from palate.rl.policies import ActorCritic
+
+    policy = ActorCritic(4, gym.spaces.Box(-1.0, 1.0, (2,)))
+    obs = torch.randn(8, 4)
+    with torch.no_grad():
+        old = policy.distribution(obs).detach()
+        policy.log_std.add_(0.5)
+    assert not old.log_std.requires_grad
+    kl = old.kl(policy.distribution(obs)).mean()
+    # KL between N(m, 1) and N(m, e^0.5) per dim: 0.5 (e^-1 - 1 + 1) = 0.5 e^-1; two dims.
+    expected = 2 * 0.5 * (math.exp(-1.0) - 1.0 + 1.0)
+    assert abs(kl.item() - expected) < 1e-5
