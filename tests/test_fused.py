@@ -8,7 +8,14 @@ import torch
 
 from palate.core.ppo import clipped_surrogate_loss, value_loss
 from palate.rl import PPO, PPOConfig
-from palate.rl.fused import FlatParameters, FusedClipStep, adam_step, load_flat_optimizer_state
+from palate.rl.fused import (
+    FlatBuffer,
+    FlatParameters,
+    FusedClipStep,
+    FusedValueStep,
+    adam_step,
+    load_flat_optimizer_state,
+)
 from palate.rl.policies import ActorCritic
 
 SPACES = {"discrete": gym.spaces.Discrete(4), "gaussian": gym.spaces.Box(-1.0, 1.0, (3,))}
@@ -121,3 +128,19 @@ def test_adam_step_equals_torch_adam() -> None:
     torch.testing.assert_close(flats[1].param.data, flats[0].param.data)
     for key in ("exp_avg", "exp_avg_sq", "step"):
         torch.testing.assert_close(optims[1].state[flats[1].param][key], optims[0].state[flats[0].param][key])
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_fused_value_gradient_equals_autograd(activation: str) -> None:
+    torch.manual_seed(2)
+    policy = ActorCritic(5, SPACES["gaussian"], [16, 8], activation)
+    flat = FlatBuffer(policy.critic_parameters())
+    obs, returns = torch.randn(40, 5), torch.randn(40)
+    expected, _ = value_loss(policy.value(obs), returns, returns)
+    flat.zero_grad()
+    expected.backward()
+    autograd_grad = flat.grad.clone()
+    flat.grad.fill_(7.0)
+    loss = FusedValueStep(policy.critic, flat)(obs, returns)
+    torch.testing.assert_close(loss, expected.detach())
+    torch.testing.assert_close(flat.grad, autograd_grad, rtol=1e-4, atol=1e-6)

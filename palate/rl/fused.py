@@ -1,4 +1,4 @@
-"""PPO's minibatch step without autograd: one flat parameter buffer and hand-derived gradients.
+"""Minibatch steps without autograd: flat parameter buffers and hand-derived gradients.
 
 Why: a control policy is two 64x64 MLPs and a minibatch is 64 rows, so every PyTorch op costs
 microseconds of dispatch for nanoseconds of arithmetic. With autograd, one clipped-PPO minibatch
@@ -8,13 +8,15 @@ a run. This module does the same step in a few dozen ops:
 
 * :class:`FlatParameters` lays every parameter of the actor-critic out in one contiguous buffer
   (the module's parameters become views of it) and every gradient in another. Gradient-norm
-  clipping is then two ops and Adam one fused kernel on one tensor. The layout puts the actor's
+  clipping is then two ops and Adam (:func:`adam_step`) seven on one tensor. The layout puts the actor's
   and the critic's hidden layers side by side, so both networks' hidden layers run as one batched
   matmul (``[2, out, in]`` views).
 * :class:`FusedClipStep` computes L^CLIP + c1 L^VF - c2 H and its gradient by hand for tanh/relu
   MLPs with a categorical or diagonal-Gaussian head, writing the gradient straight into the flat
   gradient buffer. The numbers are autograd's (tests/test_fused.py compares them to float
   rounding), including ``torch.maximum``'s tie rule inside the clip range.
+* :class:`FusedValueStep` does the same for TRPO's critic regression (its own optimiser, on a
+  :class:`FlatBuffer` of the critic alone).
 
 Configurations it does not cover (the KL-penalty loss, value clipping) keep the autograd path;
 they still get the flat buffer, so clipping and Adam stay cheap.
@@ -36,19 +38,57 @@ def _linears(net: MLP) -> list[nn.Linear]:
     return [m for m in net if isinstance(m, nn.Linear)]
 
 
-class FlatParameters:
-    """Every parameter of ``policy`` as a view of one buffer, every gradient as a view of another.
+class FlatBuffer:
+    """``params`` as views of one buffer, and their gradients as views of another.
 
-    Layout: for each hidden layer, the actor's weight then the critic's (so ``[2, out, in]`` is a
-    view), then both biases; then the actor's head, the critic's head, and the log-std. The
-    module keeps its parameters (same objects, same ``state_dict``), only their storage moves, so
+    The parameters stay the same objects (same ``state_dict``), only their storage moves, so
     checkpoints are unchanged and ``load_state_dict`` writes into the buffer.
+
+    Args:
+        params: the parameters in the order to lay them out.
+        module_order: the same parameters in the order their module lists them (what an
+            optimiser state saved over separate tensors refers to); default ``params``.
 
     Attributes:
         param: the flat buffer as one ``nn.Parameter``, whose ``.grad`` is :attr:`grad` (hand it
             to the optimiser).
-        grad: the flat gradient buffer; each module parameter's ``.grad`` is a view of it, so
-            autograd's backward accumulates into it in place too.
+        grad: the flat gradient buffer; each parameter's ``.grad`` is a view of it, so autograd's
+            backward accumulates into it in place too.
+    """
+
+    def __init__(self, params: list[nn.Parameter], module_order: list[nn.Parameter] | None = None) -> None:
+        self.module_order = list(module_order if module_order is not None else params)
+        if {id(p) for p in params} != {id(p) for p in self.module_order} or len(params) != len(self.module_order):
+            raise ValueError("FlatBuffer: the layout and the module order hold different parameters")
+        total = sum(p.numel() for p in params)
+        self.param = nn.Parameter(torch.empty(total))
+        self.grad = torch.zeros(total)
+        self.param.grad = self.grad
+        self._views: dict[int, tuple[int, int]] = {}  # id(param) -> (offset, numel)
+        offset = 0
+        with torch.no_grad():
+            for p in params:
+                n = p.numel()
+                self.param[offset:offset + n].copy_(p.reshape(-1))
+                p.data = self.param.data[offset:offset + n].view_as(p)
+                p.grad = self.grad[offset:offset + n].view_as(p)
+                self._views[id(p)] = (offset, n)
+                offset += n
+
+    def view(self, buffer: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """The slice of ``buffer`` (:attr:`param`'s data or :attr:`grad`) that holds ``p``, shaped like it."""
+        offset, n = self._views[id(p)]
+        return buffer[offset:offset + n].view_as(p)
+
+    def zero_grad(self) -> None:
+        self.grad.zero_()
+
+
+class FlatParameters(FlatBuffer):
+    """Every parameter of an :class:`ActorCritic` in one buffer, laid out for :class:`FusedClipStep`.
+
+    Layout: for each hidden layer, the actor's weight then the critic's (so ``[2, out, in]`` is a
+    view), then both biases; then the actor's head, the critic's head, and the log-std.
     """
 
     def __init__(self, policy: ActorCritic) -> None:
@@ -59,23 +99,7 @@ class FlatParameters:
         order += [actor[-1].weight, actor[-1].bias, critic[-1].weight, critic[-1].bias]
         if not policy.discrete:
             order.append(policy.log_std)
-        if {id(p) for p in order} != {id(p) for p in policy.parameters()} or len(order) != len(
-                list(policy.parameters())):
-            raise ValueError("FlatParameters: the policy has parameters outside the actor/critic MLPs")
-        total = sum(p.numel() for p in order)
-        self.param = nn.Parameter(torch.empty(total))
-        self.grad = torch.zeros(total)
-        self.param.grad = self.grad
-        self._views: dict[int, tuple[int, int]] = {}  # id(param) -> (offset, numel)
-        offset = 0
-        with torch.no_grad():
-            for p in order:
-                n = p.numel()
-                self.param[offset:offset + n].copy_(p.reshape(-1))
-                p.data = self.param.data[offset:offset + n].view_as(p)
-                p.grad = self.grad[offset:offset + n].view_as(p)
-                self._views[id(p)] = (offset, n)
-                offset += n
+        super().__init__(order, list(policy.parameters()))
         self.policy = policy
 
     def _pair(self, buffer: torch.Tensor, first: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -84,30 +108,21 @@ class FlatParameters:
 
     def hidden_layers(self, buffer: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(W [2, out, in], b [2, out])`` per hidden layer, views of ``buffer`` (param or grad)."""
-        actor, _critic = _linears(self.policy.actor), _linears(self.policy.critic)
         return [(self._pair(buffer, a.weight, tuple(a.weight.shape)), self._pair(buffer, a.bias, tuple(a.bias.shape)))
-                for a in actor[:-1]]
-
-    def view(self, buffer: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """The slice of ``buffer`` that holds parameter ``p``, shaped like it."""
-        offset, n = self._views[id(p)]
-        return buffer[offset:offset + n].view_as(p)
-
-    def zero_grad(self) -> None:
-        self.grad.zero_()
+                for a in _linears(self.policy.actor)[:-1]]
 
 
-def load_flat_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, flat: FlatParameters) -> None:
-    """Load an optimiser state saved over the module's separate parameters into the flat one.
+def load_flat_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, flat: FlatBuffer) -> None:
+    """Load an optimiser state into the optimiser of ``flat.param``, merging a per-tensor one.
 
-    Checkpoints written before the flat layout hold Adam moments per parameter tensor, in
-    ``policy.parameters()`` order; they are concatenated in the flat layout's order.
+    Checkpoints written before the flat layout hold Adam moments per parameter tensor, in the
+    module's order; they are concatenated in the flat layout's order.
     """
     groups = state["param_groups"]
     if len(groups) == 1 and len(groups[0]["params"]) == 1:
         optimizer.load_state_dict(state)
         return
-    module_params = list(flat.policy.parameters())
+    module_params = flat.module_order
     if len(groups) != 1 or len(groups[0]["params"]) != len(module_params):
         raise ValueError(f"optimiser state has {sum(len(g['params']) for g in groups)} parameter tensors; "
                          f"the policy has {len(module_params)}")
@@ -124,12 +139,12 @@ def load_flat_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, fla
     optimizer.load_state_dict({"state": {0: merged} if merged else {}, "param_groups": [new_group]})
 
 
-def adam_step(optimizer: torch.optim.Adam, flat: FlatParameters) -> None:
+def adam_step(optimizer: torch.optim.Adam, flat: FlatBuffer) -> None:
     """``optimizer.step()`` for the one flat parameter, in seven tensor ops.
 
     ``torch.optim.Adam.step`` spends ~120 us of Python bookkeeping around a ~15 us kernel; a
     control run takes hundreds of thousands of steps. This is the same update (Adam without
-    weight decay or AMSGrad, as PPO builds it) on the optimiser's own state, so the state dict,
+    weight decay or AMSGrad, as PPO and TRPO build it) on the optimiser's own state, so the state dict,
     checkpoints and ``torch.optim`` itself stay interchangeable with it.
     """
     group = optimizer.param_groups[0]
@@ -271,3 +286,37 @@ class FusedClipStep:
             clipfrac = ((ratio - 1.0).abs() > clip_range).float().mean()
             approx_kl = ((ratio - 1.0) - log_ratio).mean()
         return pg_loss, v_loss, entropy, approx_kl, clipfrac
+
+
+class FusedValueStep:
+    """The gradient of TRPO's critic loss 0.5 mean((V(s) - R)^2), by hand, into ``flat.grad``.
+
+    ``flat`` lays out the critic MLP's parameters (any order). Returns the loss as a 0-d tensor.
+    """
+
+    def __init__(self, critic: MLP, flat: FlatBuffer) -> None:
+        layers = _linears(critic)
+        self.tanh = any(isinstance(m, nn.Tanh) for m in critic)
+        self.layers = [(flat.view(flat.param.data, m.weight), flat.view(flat.param.data, m.bias)) for m in layers]
+        self.grads = [(flat.view(flat.grad, m.weight), flat.view(flat.grad, m.bias)) for m in layers]
+
+    @torch.no_grad()
+    def __call__(self, obs: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
+        n = obs.shape[0]
+        hs = [obs]
+        for w, b in self.layers[:-1]:
+            h = torch.addmm(b, hs[-1], w.t())
+            hs.append(h.tanh_() if self.tanh else h.relu_())
+        w, b = self.layers[-1]
+        diff = torch.addmm(b, hs[-1], w.t()).squeeze(-1).sub_(returns)
+        loss = 0.5 * (diff * diff).mean()
+        d = diff.mul_(1.0 / n).unsqueeze(-1)  # dL/dV
+        for i in range(len(self.layers) - 1, -1, -1):
+            (w, _b), (gw, gb) = self.layers[i], self.grads[i]
+            torch.mm(d.t(), hs[i], out=gw)
+            torch.sum(d, 0, out=gb)
+            if i > 0:
+                h = hs[i]
+                d = torch.mm(d, w)
+                d = d.mul_(1.0 - h * h) if self.tanh else d.mul_(h > 0)
+        return loss

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from palate.core.ppo import value_loss
 from palate.core.stats import explained_variance, whiten
 from palate.core.trust_region import (
     LineSearchResult,
@@ -31,6 +30,7 @@ from palate.core.trust_region import (
 )
 from palate.rl.buffer import Batch
 from palate.rl.config import TRPOConfig
+from palate.rl.fused import FlatBuffer, FusedValueStep, adam_step, load_flat_optimizer_state
 from palate.rl.on_policy import OnPolicyAlgorithm
 
 
@@ -53,7 +53,14 @@ class TRPO(OnPolicyAlgorithm):
         self.line_search_successes = 0
 
     def _build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"critic": torch.optim.Adam(self.policy.critic_parameters(), lr=self.config.vf_lr, fused=True)}
+        # The critic's parameters in one flat buffer with hand-derived gradients and a lean Adam
+        # (palate.rl.fused): hundreds of small minibatch steps per rollout, same numbers.
+        self.critic_flat = FlatBuffer(self.policy.critic_parameters())
+        self.value_step = FusedValueStep(self.policy.critic, self.critic_flat)
+        return {"critic": torch.optim.Adam([self.critic_flat.param], lr=self.config.vf_lr)}
+
+    def _load_optimizer_state(self, name: str, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        load_flat_optimizer_state(optimizer, state, self.critic_flat)
 
     def update(self, batch: Batch, progress_remaining: float) -> dict[str, Any]:
         cfg, policy = self.config, self.policy
@@ -124,13 +131,11 @@ class TRPO(OnPolicyAlgorithm):
         losses = []
         for _epoch in range(cfg.vf_iters):
             order = torch.randperm(len(batch), generator=self.generator)
+            obs, returns = batch.obs[order], batch.returns[order]  # shuffled once; minibatches are views
             for start in range(0, len(batch), cfg.batch_size):
-                idx = order[start:start + cfg.batch_size]
-                loss, _ = value_loss(self.policy.value(batch.obs[idx]), batch.values[idx], batch.returns[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.detach())
+                end = start + cfg.batch_size
+                losses.append(self.value_step(obs[start:end], returns[start:end]))
+                adam_step(optimizer, self.critic_flat)
         return torch.stack(losses).mean().item()
 
     def _algo_state(self) -> dict[str, Any]:
