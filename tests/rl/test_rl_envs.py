@@ -8,7 +8,7 @@ import pytest
 
 from palate.errors import ConfigError, EnvError
 from palate.rl import PPO, PPOConfig, TRPOConfig
-from palate.rl.envs import check_env_id, make_vec_env
+from palate.rl.envs import SAME_STEP, LeanSyncVectorEnv, check_env_id, make_vec_env
 
 
 def test_unknown_env_id_names_it_and_suggests_close_matches():
@@ -61,3 +61,37 @@ def test_bad_config_values_raise_config_error(cls, field, value):
 def test_unknown_override_raises_config_error():
     with pytest.raises(ConfigError, match="max_kl"):
         PPO(max_kl=0.01)
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_lean_sync_vector_env_steps_like_gymnasiums(env_id):
+    """Same observations, rewards, flags and final observations as SyncVectorEnv, step for step."""
+    def make():
+        return gym.wrappers.TimeLimit(gym.make(env_id).unwrapped, max_episode_steps=7)  # truncation too
+
+    lean = LeanSyncVectorEnv([make, make], autoreset_mode=SAME_STEP)
+    ref = gym.vector.SyncVectorEnv([make, make], autoreset_mode=SAME_STEP)
+    try:
+        obs_a, _ = lean.reset(seed=3)
+        obs_b, _ = ref.reset(seed=3)
+        np.testing.assert_array_equal(obs_a, obs_b)
+        rng = np.random.default_rng(0)
+        ended = 0
+        for _ in range(40):
+            actions = np.stack([lean.single_action_space.sample() for _ in range(2)])
+            if isinstance(lean.single_action_space, gym.spaces.Box):
+                actions = rng.uniform(-2, 2, (2, 1)).astype(np.float32)
+            a, b = lean.step(actions), ref.step(actions)
+            for x, y in zip(a[:4], b[:4]):
+                np.testing.assert_array_equal(x, y)
+            if "final_obs" in b[4]:
+                ended += 1
+                np.testing.assert_array_equal(a[4]["_final_obs"], b[4]["_final_obs"])
+                for i in np.flatnonzero(b[4]["_final_obs"]):
+                    np.testing.assert_array_equal(a[4]["final_obs"][i], b[4]["final_obs"][i])
+            else:
+                assert a[4] == {}
+        assert ended > 0
+    finally:
+        lean.close()
+        ref.close()

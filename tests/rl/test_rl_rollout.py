@@ -100,3 +100,26 @@ def test_reward_fn_wrong_shape_is_a_clear_error(count_env_factory):
     model = PPO(PPOConfig(n_envs=1, n_steps=4, batch_size=4), reward_fn=lambda o, a: np.zeros((len(o), 3)))
     with pytest.raises(ConfigError, match="reward_fn returned shape"):
         collect(model, count_env_factory())
+
+
+@pytest.mark.parametrize("space", ["discrete", "box"])
+def test_numpy_actor_acts_like_the_torch_policy(space):
+    import gymnasium as gym
+
+    from palate.rl.policies import ActorCritic, NumpyActor
+
+    action_space = gym.spaces.Discrete(3) if space == "discrete" else gym.spaces.Box(-1.0, 1.0, (2,))
+    torch.manual_seed(0)
+    policy = ActorCritic(4, action_space, [16, 16], log_std_init=-0.5)
+    obs = torch.randn(5, 4)
+    noise = policy.noise((5,), torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected_action, expected_logp = policy.act(obs, noise)
+        actor = NumpyActor(policy)
+        action, logp = actor.act(obs.numpy(), noise.numpy())
+        np.testing.assert_allclose(action, expected_action.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(logp, expected_logp.numpy(), rtol=1e-5, atol=1e-5)
+        policy.actor[0].weight.mul_(2.0)  # in-place updates reach the NumPy views
+        moved_action, _ = policy.act(obs, noise)
+        np.testing.assert_allclose(actor.act(obs.numpy(), noise.numpy())[0], moved_action.numpy(),
+                                   rtol=1e-5, atol=1e-6)
