@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from palate.runs import atomic_write_json
+
 Pair = tuple[int, int, str]
 
 
@@ -155,10 +157,7 @@ def run(train_path: Path, val_path: Path, out_dir: Path, task_name: str = "senti
                        "val_acc": accuracy(scores, val_pairs), "held_out_acc": accuracy(scores, held)}
                 result["probes"].append(row)
                 print(json.dumps(row), flush=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "rm_ceiling.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out_dir / "rm_ceiling.json")  # atomic: a killed run never leaves half a file
+    atomic_write_json(out_dir / "rm_ceiling.json", result)  # a killed run never leaves half a file
     return result
 
 

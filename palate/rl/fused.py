@@ -34,8 +34,14 @@ from palate.rl.policies import MLP, ActorCritic
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
-def _linears(net: MLP) -> list[nn.Linear]:
-    return [m for m in net if isinstance(m, nn.Linear)]
+def _activate(z: torch.Tensor, tanh: bool) -> torch.Tensor:
+    """The hidden activation, in place."""
+    return z.tanh_() if tanh else z.relu_()
+
+
+def _activation_grad(dh: torch.Tensor, h: torch.Tensor, tanh: bool) -> torch.Tensor:
+    """dz from dh (in place) and the activation's output h: tanh' = 1 - h^2, relu' = [h > 0]."""
+    return dh.mul_(1.0 - h * h) if tanh else dh.mul_(h > 0)
 
 
 class FlatBuffer:
@@ -92,7 +98,7 @@ class FlatParameters(FlatBuffer):
     """
 
     def __init__(self, policy: ActorCritic) -> None:
-        actor, critic = _linears(policy.actor), _linears(policy.critic)
+        actor, critic = policy.actor.linears, policy.critic.linears
         order: list[nn.Parameter] = []
         for a, c in zip(actor[:-1], critic[:-1], strict=True):
             order += [a.weight, c.weight, a.bias, c.bias]
@@ -109,7 +115,7 @@ class FlatParameters(FlatBuffer):
     def hidden_layers(self, buffer: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(W [2, out, in], b [2, out])`` per hidden layer, views of ``buffer`` (param or grad)."""
         return [(self._pair(buffer, a.weight, tuple(a.weight.shape)), self._pair(buffer, a.bias, tuple(a.bias.shape)))
-                for a in _linears(self.policy.actor)[:-1]]
+                for a in self.policy.actor.linears[:-1]]
 
 
 def load_flat_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, flat: FlatBuffer) -> None:
@@ -177,8 +183,8 @@ class FusedClipStep:
         policy = flat.policy
         self.flat = flat
         self.discrete = policy.discrete
-        self.tanh = any(isinstance(m, nn.Tanh) for m in policy.actor)
-        actor, critic = _linears(policy.actor), _linears(policy.critic)
+        self.tanh = policy.actor.tanh
+        actor, critic = policy.actor.linears, policy.critic.linears
         self.hidden = flat.hidden_layers(flat.param.data)
         self.hidden_grad = flat.hidden_layers(flat.grad)
         self.actor_head = (actor[-1].weight.data, actor[-1].bias.data)
@@ -192,18 +198,9 @@ class FusedClipStep:
     @staticmethod
     def supports(policy: ActorCritic) -> bool:
         """Tanh/ReLU MLPs with identical hidden sizes for actor and critic (what ActorCritic builds)."""
-        actor, critic = _linears(policy.actor), _linears(policy.critic)
+        actor, critic = policy.actor.linears, policy.critic.linears
         return len(actor) == len(critic) >= 2 and all(
             a.weight.shape == c.weight.shape for a, c in zip(actor[:-1], critic[:-1], strict=True))
-
-    def _activate(self, z: torch.Tensor) -> torch.Tensor:
-        return z.tanh_() if self.tanh else z.relu_()
-
-    def _activation_grad(self, dh: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """dz from dh and the activation's output h: tanh' = 1 - h^2, relu' = [h > 0]."""
-        if self.tanh:
-            return dh.mul_(1.0 - h * h)
-        return dh.mul_(h > 0)
 
     @torch.no_grad()
     def __call__(self, obs: torch.Tensor, actions: torch.Tensor, old_logp: torch.Tensor,
@@ -214,10 +211,10 @@ class FusedClipStep:
         # is one matmul with the two weights stacked as [2 * out, in].
         w1, b1 = self.hidden[0]
         h = torch.addmm(b1.reshape(-1), obs, w1.reshape(-1, w1.shape[-1]).t())
-        h = self._activate(h).view(n, 2, -1).transpose(0, 1)  # [2, n, out]
+        h = _activate(h, self.tanh).view(n, 2, -1).transpose(0, 1)  # [2, n, out]
         hs = [h]
         for w, b in self.hidden[1:]:
-            h = self._activate(torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2)))
+            h = _activate(torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2)), self.tanh)
             hs.append(h)
         out = torch.addmm(self.actor_head[1], h[0], self.actor_head[0].t())
         values = torch.addmm(self.critic_head[1], h[1], self.critic_head[0].t()).squeeze(-1)
@@ -274,7 +271,7 @@ class FusedClipStep:
         torch.mm(dout, self.actor_head[0], out=dh[0])
         torch.mm(dvalue, self.critic_head[0], out=dh[1])
         for i in range(len(self.hidden) - 1, -1, -1):
-            dz = self._activation_grad(dh, hs[i])
+            dz = _activation_grad(dh, hs[i], self.tanh)
             (w, _b), (gw, gb) = self.hidden[i], self.hidden_grad[i]
             below = hs[i - 1] if i > 0 else obs.expand(2, *obs.shape)
             torch.bmm(dz.transpose(1, 2), below, out=gw)
@@ -282,9 +279,8 @@ class FusedClipStep:
             if i > 0:
                 dh = torch.bmm(dz, w)
 
-        with torch.no_grad():
-            clipfrac = ((ratio - 1.0).abs() > clip_range).float().mean()
-            approx_kl = ((ratio - 1.0) - log_ratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > clip_range).float().mean()
+        approx_kl = ((ratio - 1.0) - log_ratio).mean()
         return pg_loss, v_loss, entropy, approx_kl, clipfrac
 
 
@@ -295,8 +291,8 @@ class FusedValueStep:
     """
 
     def __init__(self, critic: MLP, flat: FlatBuffer) -> None:
-        layers = _linears(critic)
-        self.tanh = any(isinstance(m, nn.Tanh) for m in critic)
+        layers = critic.linears
+        self.tanh = critic.tanh
         self.layers = [(flat.view(flat.param.data, m.weight), flat.view(flat.param.data, m.bias)) for m in layers]
         self.grads = [(flat.view(flat.grad, m.weight), flat.view(flat.grad, m.bias)) for m in layers]
 
@@ -306,7 +302,7 @@ class FusedValueStep:
         hs = [obs]
         for w, b in self.layers[:-1]:
             h = torch.addmm(b, hs[-1], w.t())
-            hs.append(h.tanh_() if self.tanh else h.relu_())
+            hs.append(_activate(h, self.tanh))
         w, b = self.layers[-1]
         diff = torch.addmm(b, hs[-1], w.t()).squeeze(-1).sub_(returns)
         loss = 0.5 * (diff * diff).mean()
@@ -316,7 +312,5 @@ class FusedValueStep:
             torch.mm(d.t(), hs[i], out=gw)
             torch.sum(d, 0, out=gb)
             if i > 0:
-                h = hs[i]
-                d = torch.mm(d, w)
-                d = d.mul_(1.0 - h * h) if self.tanh else d.mul_(h > 0)
+                d = _activation_grad(torch.mm(d, w), hs[i], self.tanh)
         return loss

@@ -121,11 +121,18 @@ class MLP(nn.Sequential):
     ``nn.Module.__call__`` costs microseconds per layer (hooks, attribute lookups); at a rollout's
     batch of a few rows that is most of the forward, so ``forward`` calls the functional ops on
     the layers' parameters directly. Same parameters, same numbers as ``nn.Sequential``.
+
+    Attributes:
+        linears: the Linear layers in order (what the hand-written forwards and backwards of
+            :class:`NumpyActor` and :mod:`palate.rl.fused` walk).
+        tanh: True for tanh hidden activations, False for ReLU.
     """
 
     def __init__(self, *layers: nn.Module) -> None:
         super().__init__(*layers)
         self._plan = [(m.weight, m.bias) if isinstance(m, nn.Linear) else type(m) for m in layers]
+        self.linears: list[nn.Linear] = [m for m in layers if isinstance(m, nn.Linear)]
+        self.tanh = any(isinstance(m, nn.Tanh) for m in layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for step in self._plan:
@@ -167,9 +174,8 @@ class NumpyActor:
 
     def __init__(self, policy: ActorCritic) -> None:
         self.discrete = policy.discrete
-        self.tanh = any(isinstance(m, nn.Tanh) for m in policy.actor)
-        linears = [m for m in policy.actor if isinstance(m, nn.Linear)]
-        self.layers = [(m.weight.detach().numpy().T, m.bias.detach().numpy()) for m in linears]
+        self.tanh = policy.actor.tanh
+        self.layers = [(m.weight.detach().numpy().T, m.bias.detach().numpy()) for m in policy.actor.linears]
         if not self.discrete:
             self.log_std = policy.log_std.detach().numpy()
 
