@@ -3,8 +3,8 @@
 Why: a control policy is two 64x64 MLPs and a minibatch is 64 rows, so every PyTorch op costs
 microseconds of dispatch for nanoseconds of arithmetic. With autograd, one clipped-PPO minibatch
 (forward, backward, gradient clipping, Adam over ~10 tensors) is well over a hundred ops plus the
-graph, 2 to 3 ms in timings on the development machine; PPO's Hopper preset takes 640 of them per 4,096 environment steps, which is most of
-a run. This module does the same step in a few dozen ops:
+graph, 2 to 3 ms in timings on the development machine; PPO's Hopper preset takes 640 of them
+per 4,096 environment steps, which is most of a run. This module does the same step in a few dozen ops:
 
 * :class:`FlatParameters` lays every parameter of the actor-critic out in one contiguous buffer
   (the module's parameters become views of it) and every gradient in another. Gradient-norm
