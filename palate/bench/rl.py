@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import platform
 import sys
@@ -102,6 +103,21 @@ def run_palate(cfg: Any, algo: str, eval_episodes: int) -> dict[str, Any]:
             "returns": returns}
 
 
+def sb3_target_kl(max_kl: float, action_space: Any) -> float:
+    """sb3-contrib's ``target_kl`` that bounds the same KL as palate's ``max_kl``.
+
+    palate's KL is the paper's: of the joint action distribution, i.e. summed over a diagonal
+    Gaussian's action dimensions. sb3-contrib builds its Gaussian from per-dimension ``Normal``s and
+    takes ``kl_divergence(...).mean()`` over states *and* dimensions, so its ``target_kl`` bounds
+    the KL divided by the action dimension: on Hopper (3 dims) its 0.01 is palate's 0.03.
+    """
+    from gymnasium import spaces
+
+    if isinstance(action_space, spaces.Box):
+        return max_kl / math.prod(action_space.shape)
+    return max_kl
+
+
 def sb3_model(cfg: Any, algo: str) -> tuple[Any, Any]:
     """SB3 PPO / sb3-contrib TRPO with the palate config's hyperparameters; returns (model, env)."""
     try:
@@ -135,7 +151,7 @@ def sb3_model(cfg: Any, algo: str) -> tuple[Any, Any]:
                         cg_max_steps=cfg.cg_iters, cg_damping=cfg.cg_damping,
                         line_search_shrinking_factor=cfg.line_search_shrink,
                         line_search_max_iter=cfg.line_search_steps, n_critic_updates=cfg.vf_iters,
-                        target_kl=cfg.max_kl)
+                        target_kl=sb3_target_kl(cfg.max_kl, env.action_space))
     return model, env
 
 

@@ -112,7 +112,9 @@ class TRPOConfig(OnPolicyConfig):
 
     update: Literal["trust_region", "kl_penalty"] = doc_field(
         "trust_region", "trust_region: max surrogate s.t. KL <= max_kl; kl_penalty: max surrogate - beta KL")
-    max_kl: float = doc_field(0.01, "delta, the trust-region bound on the mean KL (sb3's target_kl)")
+    max_kl: float = doc_field(
+        0.01, "delta, the trust-region bound on the mean KL of the joint action distribution (summed over "
+        "a Gaussian's action dims; sb3-contrib's target_kl averages over them: its target_kl = max_kl / act_dim)")
     kl_coef: float = doc_field(1.0, "beta of the fixed KL penalty (update=kl_penalty)")
     cg_iters: int = doc_field(15, "conjugate-gradient iterations for F^-1 g")
     cg_damping: float = doc_field(0.1, "damping added to the Fisher matrix, F + damping I")

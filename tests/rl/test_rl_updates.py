@@ -75,3 +75,26 @@ def test_detached_gaussian_is_a_frozen_copy_of_pi_old():
     # KL between N(m, 1) and N(m, e^0.5) per dim: 0.5 (e^-1 - 1 + 1) = 0.5 e^-1; two dims.
     expected = 2 * 0.5 * (math.exp(-1.0) - 1.0 + 1.0)
     assert abs(kl.item() - expected) < 1e-5
+
+
+def test_gaussian_kl_is_the_joint_kl_and_sb3_target_kl_divides_by_action_dims():
+    """max_kl bounds the KL of the joint action distribution (the sum over a diagonal Gaussian's
+    dimensions); the benchmark hands sb3-contrib, which averages over dimensions, max_kl / act_dim."""
+    import gymnasium as gym
+    import torch
+
+    from palate.bench.rl import sb3_target_kl
+    from palate.rl.policies import DiagGaussian
+
+    gen = torch.Generator().manual_seed(0)
+    p = DiagGaussian(torch.randn(5, 3, generator=gen), torch.randn(3, generator=gen) * 0.3)
+    q = DiagGaussian(torch.randn(5, 3, generator=gen), torch.randn(3, generator=gen) * 0.3)
+    joint = torch.distributions.Independent(torch.distributions.Normal(p.mean, p.log_std.exp()), 1)
+    other = torch.distributions.Independent(torch.distributions.Normal(q.mean, q.log_std.exp()), 1)
+    torch.testing.assert_close(p.kl(q), torch.distributions.kl_divergence(joint, other))
+    per_dim = torch.distributions.kl_divergence(joint.base_dist, other.base_dist)  # sb3-contrib's
+    torch.testing.assert_close(p.kl(q).mean() / 3, per_dim.mean())
+
+    box = gym.spaces.Box(-1.0, 1.0, shape=(3,))
+    assert sb3_target_kl(0.03, box) == pytest.approx(0.01)
+    assert sb3_target_kl(0.01, gym.spaces.Discrete(2)) == 0.01
