@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from palate.runs import atomic_write_text
+
 SUITES = {
     "rl": "palate.bench.rl",  # PPO/TRPO vs SB3 / sb3-contrib
     "prefs": "palate.bench.prefs",  # preference learning vs imitation
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = module.run(out_dir)
         print(f"[{name}] done in {time.perf_counter() - start:.0f} s", flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "all.json").write_text(json.dumps(results, indent=2, default=str))
+    atomic_write_text(Path(args.out) / "all.json", json.dumps(results, indent=2, default=str))
     return 0
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from palate.feedback.storage import Store
+from palate.runs import atomic_write_text
 
 
 @dataclass
@@ -324,7 +325,7 @@ def run(out_dir: str | Path, config: LoadConfig | None = None) -> dict[str, Any]
             and check["duplicated"] == 0
         ),
     }
-    (out_dir / "feedback_load.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out_dir / "feedback_load.json", json.dumps(result, indent=2) + "\n")
     shutil.rmtree(work)
     return result
 

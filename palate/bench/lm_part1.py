@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from palate.runs import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[2]
 TRL_PATH = ROOT / "bench-venvs" / "trl"
 MODEL = "smollm2-135m-instruct"
@@ -100,7 +102,7 @@ def arm_data(work: Path) -> dict[str, Any]:
              for c in read_comparisons(work / "train.jsonl")]
     write_sft(work / "demos.jsonl", [d for d in demos if d.completion.strip()])
     for name, pairs in (("train_pairs", _pairs(work / "train.jsonl")), ("val_pairs", _pairs(work / "val.jsonl"))):
-        (work / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        atomic_write_text(work / f"{name}.jsonl", "".join(json.dumps(p) + "\n" for p in pairs))
     return {"seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -304,14 +306,14 @@ def run(out_dir: str | Path, reuse: bool | None = None) -> dict[str, Any]:
     results["speedup_rm_tokens_per_s"] = round(results["palate-rm"]["tokens_per_s"]
                                                / results["trl-rm"]["tokens_per_s"], 2)
     results["load_average_at_end"] = os.getloadavg()
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     rows = ["| arm | steps | train s | tokens/s | pairs/s | peak RSS MiB | val acc | held-out acc |",
             "|---|---|---|---|---|---|---|---|"]
     for arm in ("palate-sft", "trl-sft", "palate-rm", "trl-rm"):
         r = results[arm]
         rows.append(f"| {arm} | {r['steps']} | {r['train_seconds']} | {r['tokens_per_s']} | {r.get('pairs_per_s', '')} "
                     f"| {r['peak_rss_mb']} | {r.get('val_accuracy', '')} | {r.get('held_out_accuracy', '')} |")
-    (out / "table.md").write_text("\n".join(rows) + "\n")
+    atomic_write_text(out / "table.md", "\n".join(rows) + "\n")
     print("\n".join(rows))
     return results
 
@@ -324,7 +326,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.arm:
         result = ARMS[args.arm](args.work)
-        (args.work / f"{args.arm}.json").write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(args.work / f"{args.arm}.json", json.dumps(result, indent=2) + "\n")
     else:
         run(args.out)
 

@@ -44,6 +44,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from palate.runs import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # Where each TRL arm's TRL lives (``pip install --no-deps --target``) and the version it must be.
@@ -316,7 +318,7 @@ def _child(arm: str, work: Path, sft: str, rm_dir: str, threads: int, settings: 
 
         result["trl_version"] = trl.__version__
     result["eval"] = evaluate_arm(result["model"], sft, rm_dir, settings)
-    (work / f"{arm}.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(work / f"{arm}.json", json.dumps(result, indent=2))
     return 0
 
 
@@ -390,8 +392,8 @@ def run(out_dir: str | Path, sft: str | None = None, rm_dir: str | None = None, 
         lines.append(f"| {arm} | {r['train_wall_s']:.0f} | {r['generated_tokens'] / r['train_wall_s']:.2f} | "
                      f"{r['peak_rss_mb']:.0f} | {e['reward']:.3f} (SFT {e['reward_reference']:.3f}) | "
                      f"{e['kl']:.2f} ± {e['kl_stderr']:.2f} | {e['win_rate']:.3f} ± {e['win_rate_stderr']:.3f} |")
-    (out / "lm_ppo.md").write_text("\n".join(lines) + "\n")
-    (out / "lm_ppo.json").write_text(json.dumps(results, indent=2, default=str))
+    atomic_write_text(out / "lm_ppo.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "lm_ppo.json", json.dumps(results, indent=2, default=str))
     print("\n".join(lines))
     return results
 

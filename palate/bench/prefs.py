@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from palate.runs import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -138,8 +140,8 @@ def run(out_dir: str | Path, envs: Sequence[str] = ("Hopper-v5", "HalfCheetah-v5
     def save() -> None:
         report = {"started": started, "machine": f"{platform.machine()}, {_cpus()} CPU cores, no GPU",
                   "steps": steps, "seeds": list(seeds), "label_counts": list(label_counts), "rows": rows}
-        (out_dir / "prefs.json").write_text(json.dumps(report, indent=2, default=str))
-        (out_dir / "prefs.md").write_text(markdown_table(rows))
+        atomic_write_text(out_dir / "prefs.json", json.dumps(report, indent=2, default=str))
+        atomic_write_text(out_dir / "prefs.md", markdown_table(rows))
 
     for env in envs:
         for seed in seeds:
@@ -253,7 +255,7 @@ def report(paths: Sequence[str | Path], out_dir: str | Path) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = load_rows(paths)
     table = markdown_table(rows)
-    (out_dir / "prefs.md").write_text(table)
+    atomic_write_text(out_dir / "prefs.md", table)
     plot_return_vs_labels(rows, out_dir / "prefs_return_vs_labels.png")
     return table
 
