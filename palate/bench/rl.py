@@ -103,19 +103,20 @@ def run_palate(cfg: Any, algo: str, eval_episodes: int) -> dict[str, Any]:
             "returns": returns}
 
 
-def sb3_target_kl(max_kl: float, action_space: Any) -> float:
-    """sb3-contrib's ``target_kl`` that bounds the same KL as palate's ``max_kl``.
+def sb3_trust_region(max_kl: float, cg_damping: float, action_space: Any) -> tuple[float, float]:
+    """sb3-contrib's ``(target_kl, cg_damping)`` for the same trust region as palate's settings.
 
     palate's KL is the paper's: of the joint action distribution, i.e. summed over a diagonal
     Gaussian's action dimensions. sb3-contrib builds its Gaussian from per-dimension ``Normal``s and
-    takes ``kl_divergence(...).mean()`` over states *and* dimensions, so its ``target_kl`` bounds
-    the KL divided by the action dimension: on Hopper (3 dims) its 0.01 is palate's 0.03.
+    takes ``kl_divergence(...).mean()`` over states *and* dimensions: its KL, and so its Fisher
+    matrix, is palate's divided by the action dimension d. Its ``target_kl`` and its damping (added
+    to that smaller Fisher) are therefore palate's divided by d: on Hopper (d = 3) its defaults
+    0.01 and 0.1 are palate's ``max_kl: 0.03`` and ``cg_damping: 0.3``, the same step exactly.
     """
     from gymnasium import spaces
 
-    if isinstance(action_space, spaces.Box):
-        return max_kl / math.prod(action_space.shape)
-    return max_kl
+    dims = math.prod(action_space.shape) if isinstance(action_space, spaces.Box) else 1
+    return max_kl / dims, cg_damping / dims
 
 
 def sb3_model(cfg: Any, algo: str) -> tuple[Any, Any]:
@@ -147,11 +148,12 @@ def sb3_model(cfg: Any, algo: str) -> tuple[Any, Any]:
                        max_grad_norm=cfg.max_grad_norm, target_kl=cfg.target_kl)
     else:
         lr = cfg.vf_lr
+        target_kl, damping = sb3_trust_region(cfg.max_kl, cfg.cg_damping, env.action_space)
         model = SB3TRPO("MlpPolicy", env, **common, learning_rate=(lambda p: p * lr) if cfg.anneal_lr else lr,
-                        cg_max_steps=cfg.cg_iters, cg_damping=cfg.cg_damping,
+                        cg_max_steps=cfg.cg_iters, cg_damping=damping,
                         line_search_shrinking_factor=cfg.line_search_shrink,
                         line_search_max_iter=cfg.line_search_steps, n_critic_updates=cfg.vf_iters,
-                        target_kl=sb3_target_kl(cfg.max_kl, env.action_space))
+                        target_kl=target_kl)
     return model, env
 
 

@@ -117,7 +117,9 @@ class TRPOConfig(OnPolicyConfig):
         "a Gaussian's action dims; sb3-contrib's target_kl averages over them: its target_kl = max_kl / act_dim)")
     kl_coef: float = doc_field(1.0, "beta of the fixed KL penalty (update=kl_penalty)")
     cg_iters: int = doc_field(15, "conjugate-gradient iterations for F^-1 g")
-    cg_damping: float = doc_field(0.1, "damping added to the Fisher matrix, F + damping I")
+    cg_damping: float = doc_field(
+        0.1, "damping added to the Fisher matrix, F + damping I (sb3-contrib's cg_damping = cg_damping / act_dim, "
+        "as for max_kl)")
     line_search_steps: int = doc_field(10, "backtracking line-search trials before giving up")
     line_search_shrink: float = doc_field(0.8, "step shrink factor between line-search trials")
     vf_lr: float = doc_field(1e-3, "Adam step size of the critic, trained by its own optimiser")

@@ -77,14 +77,16 @@ def test_detached_gaussian_is_a_frozen_copy_of_pi_old():
     assert abs(kl.item() - expected) < 1e-5
 
 
-def test_gaussian_kl_is_the_joint_kl_and_sb3_target_kl_divides_by_action_dims():
+def test_gaussian_kl_is_the_joint_kl_and_sb3_trust_region_divides_by_action_dims():
     """max_kl bounds the KL of the joint action distribution (the sum over a diagonal Gaussian's
-    dimensions); the benchmark hands sb3-contrib, which averages over dimensions, max_kl / act_dim."""
+    dimensions). sb3-contrib averages over dimensions, so the benchmark hands it max_kl / d and
+    cg_damping / d; the natural-gradient step is then the same step exactly."""
     import gymnasium as gym
     import torch
 
-    from palate.bench.rl import sb3_target_kl
-    from palate.rl.policies import DiagGaussian
+    from palate.bench.rl import sb3_trust_region
+    from palate.core.trust_region import flat_params, natural_gradient_step, set_flat_params
+    from palate.rl.policies import ActorCritic, DiagGaussian
 
     gen = torch.Generator().manual_seed(0)
     p = DiagGaussian(torch.randn(5, 3, generator=gen), torch.randn(3, generator=gen) * 0.3)
@@ -96,5 +98,38 @@ def test_gaussian_kl_is_the_joint_kl_and_sb3_target_kl_divides_by_action_dims():
     torch.testing.assert_close(p.kl(q).mean() / 3, per_dim.mean())
 
     box = gym.spaces.Box(-1.0, 1.0, shape=(3,))
-    assert sb3_target_kl(0.03, box) == pytest.approx(0.01)
-    assert sb3_target_kl(0.01, gym.spaces.Discrete(2)) == 0.01
+    target_kl, damping = sb3_trust_region(0.03, 0.3, box)
+    assert (target_kl, damping) == (pytest.approx(0.01), pytest.approx(0.1))
+    assert sb3_trust_region(0.01, 0.1, gym.spaces.Discrete(2)) == (0.01, 0.1)
+
+    torch.manual_seed(0)
+    policy = ActorCritic(4, box)
+    params = policy.actor_parameters()
+    obs, actions, adv = torch.randn(64, 4), torch.randn(64, 3), torch.randn(64)
+    with torch.no_grad():
+        old = policy.distribution(obs).detach()
+        old_logp = old.log_prob(actions)
+
+    def surrogate():
+        return (torch.exp(policy.distribution(obs).log_prob(actions) - old_logp) * adv).mean()
+
+    start = flat_params(params)
+    steps = []
+    for scale, max_kl, cg_damping in [(1.0, 0.03, 0.3), (1.0 / 3, target_kl, damping)]:
+        set_flat_params(params, start)
+        result = natural_gradient_step(params, surrogate, lambda s=scale: s * old.kl(policy.distribution(obs)).mean(),
+                                       max_kl, cg_iters=15, damping=cg_damping)
+        assert result.accepted
+        steps.append(flat_params(params) - start)
+    torch.testing.assert_close(steps[0], steps[1], rtol=1e-4, atol=1e-6)
+
+
+def test_trpo_step_equals_sb3_contribs_on_a_shared_rollout():
+    """From sb3-contrib's weights and rollout, palate's TRPO step is sb3-contrib's (bench extra only)."""
+    pytest.importorskip("sb3_contrib")
+    from palate.bench.trpo_step import compare
+
+    out = compare("Hopper-v5", seed=0)
+    assert out["logp_gap_at_start"] < 1e-4
+    assert out["cosine"] > 0.9999
+    assert out["palate_step_norm"] == pytest.approx(out["sb3_step_norm"], rel=1e-3)

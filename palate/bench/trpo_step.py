@@ -1,0 +1,118 @@
+"""One TRPO step, palate against sb3-contrib, on the same rollout from identical weights.
+
+sb3-contrib collects one rollout (optionally after ``--warmup`` steps of its own training) with the
+palate preset's settings translated by :func:`palate.bench.rl.sb3_model`; palate's policy is loaded
+with sb3-contrib's weights and given that rollout (observations, actions, log-probabilities,
+advantages, returns) as its batch. Both take their policy step; the script prints the two steps'
+norms, their cosine and the log-std moves. A cosine of 1 and equal norms mean the two updates are
+the same function of the data, so any gap in returns lies elsewhere (rollouts, critic, seeds).
+
+    python -m palate.bench.trpo_step --env Hopper-v5            # the preset as it is
+    python -m palate.bench.trpo_step --max-kl 0.01 --cg-damping 0.1 --sb3-untranslated
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+
+_SB3_ACTOR = ["mlp_extractor.policy_net.0.weight", "mlp_extractor.policy_net.0.bias",
+              "mlp_extractor.policy_net.2.weight", "mlp_extractor.policy_net.2.bias",
+              "action_net.weight", "action_net.bias"]
+_SB3_CRITIC = ["mlp_extractor.value_net.0.weight", "mlp_extractor.value_net.0.bias",
+               "mlp_extractor.value_net.2.weight", "mlp_extractor.value_net.2.bias",
+               "value_net.weight", "value_net.bias"]
+
+
+def _load_sb3_weights(policy: Any, state: dict[str, torch.Tensor]) -> None:
+    """Copy an SB3 MlpPolicy's (two hidden layers, separate networks) weights into palate's ActorCritic."""
+    with torch.no_grad():
+        for module, names in [(policy.actor, _SB3_ACTOR), (policy.critic, _SB3_CRITIC)]:
+            for target, name in zip(module.parameters(), names, strict=True):
+                target.copy_(state[name])
+        policy.log_std.copy_(state["log_std"])
+
+
+def _sb3_actor_vector(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([state[n].reshape(-1) for n in [*_SB3_ACTOR, "log_std"]])
+
+
+def compare(env: str = "Hopper-v5", seed: int = 0, warmup: int = 0, max_kl: float | None = None,
+            cg_damping: float | None = None, translate: bool = True) -> dict[str, Any]:
+    """Run both steps on one shared rollout; returns norms, cosine and log-std moves."""
+    from palate.bench.rl import preset_config, sb3_model
+    from palate.core.trust_region import flat_params
+    from palate.rl import TRPO
+    from palate.rl.buffer import Batch
+
+    torch.set_num_threads(1)
+    cfg = preset_config(env, "trpo", seed, 1_000_000)
+    cfg = dataclasses.replace(cfg, max_kl=cfg.max_kl if max_kl is None else max_kl,
+                              cg_damping=cfg.cg_damping if cg_damping is None else cg_damping)
+    model, venv = sb3_model(cfg, "trpo")
+    if not translate:  # sb3-contrib given palate's numbers as they are
+        model.target_kl, model.cg_damping = cfg.max_kl, cfg.cg_damping
+    if warmup:
+        model.learn(total_timesteps=warmup)
+    captured: dict[str, Any] = {}
+    train = model.train
+
+    def capturing_train() -> None:
+        buf = model.rollout_buffer
+        captured["rollout"] = {k: np.copy(getattr(buf, k))
+                               for k in ["observations", "actions", "log_probs", "values", "advantages", "returns"]}
+        captured["before"] = copy.deepcopy(model.policy.state_dict())
+        train()
+        captured["after"] = copy.deepcopy(model.policy.state_dict())
+
+    model.train = capturing_train
+    model.learn(total_timesteps=cfg.rollout_size, reset_num_timesteps=False)
+    venv.close()
+
+    def rows(x: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), dtype=torch.float32)
+
+    r = captured["rollout"]
+    batch = Batch(rows(r["observations"]), rows(r["actions"]), rows(r["log_probs"]), rows(r["values"]),
+                  rows(r["advantages"]), rows(r["returns"]))
+    ours = TRPO(cfg)
+    ours._setup_model(venv.observation_space, venv.action_space)
+    _load_sb3_weights(ours.policy, captured["before"])
+    with torch.no_grad():
+        logp_gap = (ours.policy.distribution(batch.obs).log_prob(batch.actions) - batch.logp).abs().max().item()
+    start = flat_params(ours.policy.actor_parameters())
+    metrics = ours.update(batch, 1.0)
+    step = flat_params(ours.policy.actor_parameters()) - start
+    sb3_step = _sb3_actor_vector(captured["after"]) - _sb3_actor_vector(captured["before"])
+    cosine = float(step @ sb3_step / (step.norm() * sb3_step.norm()).clamp_min(1e-12))
+    dims = int(batch.actions.shape[-1])
+    return {"env": env, "seed": seed, "warmup": warmup, "palate": {"max_kl": cfg.max_kl, "cg_damping": cfg.cg_damping},
+            "sb3_contrib": {"target_kl": model.target_kl, "cg_damping": model.cg_damping},
+            "logp_gap_at_start": logp_gap, "palate_step_norm": float(step.norm()),
+            "sb3_step_norm": float(sb3_step.norm()), "cosine": cosine,
+            "palate_log_std_step": step[-dims:].tolist(), "sb3_log_std_step": sb3_step[-dims:].tolist(),
+            "palate_kl": metrics["losses/approx_kl"], "palate_backtracks": metrics["trpo/backtracks"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="Hopper-v5", help="an env with a configs/rl preset (continuous actions)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup", type=int, default=0, help="sb3-contrib training steps before the compared step")
+    parser.add_argument("--max-kl", type=float, default=None, help="override the preset's max_kl")
+    parser.add_argument("--cg-damping", type=float, default=None, help="override the preset's cg_damping")
+    parser.add_argument("--sb3-untranslated", action="store_true",
+                        help="give sb3-contrib palate's max_kl and cg_damping unscaled (the old benchmark's mistake)")
+    args = parser.parse_args(argv)
+    out = compare(args.env, args.seed, args.warmup, args.max_kl, args.cg_damping, not args.sb3_untranslated)
+    for key, value in out.items():
+        print(f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    main()
