@@ -43,8 +43,12 @@ def _sb3_actor_vector(state: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def compare(env: str = "Hopper-v5", seed: int = 0, warmup: int = 0, max_kl: float | None = None,
-            cg_damping: float | None = None, translate: bool = True) -> dict[str, Any]:
-    """Run both steps on one shared rollout; returns norms, cosine and log-std moves."""
+            cg_damping: float | None = None, translate: bool = True, **overrides: Any) -> dict[str, Any]:
+    """Run both steps on one shared rollout; returns norms, cosine and log-std moves.
+
+    ``overrides`` replace other config fields (e.g. ``batch_size=2048, vf_iters=1``: one
+    full-batch critic step, which does not depend on either library's minibatch shuffling).
+    """
     from palate.bench.rl import preset_config, sb3_model
     from palate.core.trust_region import flat_params
     from palate.rl import TRPO
@@ -53,7 +57,7 @@ def compare(env: str = "Hopper-v5", seed: int = 0, warmup: int = 0, max_kl: floa
     torch.set_num_threads(1)
     cfg = preset_config(env, "trpo", seed, 1_000_000)
     cfg = dataclasses.replace(cfg, max_kl=cfg.max_kl if max_kl is None else max_kl,
-                              cg_damping=cfg.cg_damping if cg_damping is None else cg_damping)
+                              cg_damping=cfg.cg_damping if cg_damping is None else cg_damping, **overrides)
     model, venv = sb3_model(cfg, "trpo")
     if not translate:  # sb3-contrib given palate's numbers as they are
         model.target_kl, model.cg_damping = cfg.max_kl, cfg.cg_damping
@@ -86,8 +90,12 @@ def compare(env: str = "Hopper-v5", seed: int = 0, warmup: int = 0, max_kl: floa
     with torch.no_grad():
         logp_gap = (ours.policy.distribution(batch.obs).log_prob(batch.actions) - batch.logp).abs().max().item()
     start = flat_params(ours.policy.actor_parameters())
+    critic_start = flat_params(ours.policy.critic_parameters())
     metrics = ours.update(batch, 1.0)
     step = flat_params(ours.policy.actor_parameters()) - start
+    critic_step = flat_params(ours.policy.critic_parameters()) - critic_start
+    sb3_critic_step = (torch.cat([captured["after"][n].reshape(-1) for n in _SB3_CRITIC])
+                       - torch.cat([captured["before"][n].reshape(-1) for n in _SB3_CRITIC]))
     sb3_step = _sb3_actor_vector(captured["after"]) - _sb3_actor_vector(captured["before"])
     cosine = float(step @ sb3_step / (step.norm() * sb3_step.norm()).clamp_min(1e-12))
     dims = int(batch.actions.shape[-1])
@@ -96,7 +104,10 @@ def compare(env: str = "Hopper-v5", seed: int = 0, warmup: int = 0, max_kl: floa
             "logp_gap_at_start": logp_gap, "palate_step_norm": float(step.norm()),
             "sb3_step_norm": float(sb3_step.norm()), "cosine": cosine,
             "palate_log_std_step": step[-dims:].tolist(), "sb3_log_std_step": sb3_step[-dims:].tolist(),
-            "palate_kl": metrics["losses/approx_kl"], "palate_backtracks": metrics["trpo/backtracks"]}
+            "palate_kl": metrics["losses/approx_kl"], "palate_backtracks": metrics["trpo/backtracks"],
+            "critic_step_norms": [float(critic_step.norm()), float(sb3_critic_step.norm())],
+            "critic_cosine": float(critic_step @ sb3_critic_step
+                                   / (critic_step.norm() * sb3_critic_step.norm()).clamp_min(1e-12))}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,10 +117,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=0, help="sb3-contrib training steps before the compared step")
     parser.add_argument("--max-kl", type=float, default=None, help="override the preset's max_kl")
     parser.add_argument("--cg-damping", type=float, default=None, help="override the preset's cg_damping")
+    parser.add_argument("--critic-full-batch", type=int, default=0, metavar="EPOCHS",
+                        help="fit the critic with EPOCHS full-batch steps (no minibatch shuffling on either side)")
     parser.add_argument("--sb3-untranslated", action="store_true",
                         help="give sb3-contrib palate's max_kl and cg_damping unscaled (the old benchmark's mistake)")
     args = parser.parse_args(argv)
-    out = compare(args.env, args.seed, args.warmup, args.max_kl, args.cg_damping, not args.sb3_untranslated)
+    overrides = {"batch_size": 2048, "vf_iters": args.critic_full_batch} if args.critic_full_batch else {}
+    out = compare(args.env, args.seed, args.warmup, args.max_kl, args.cg_damping, not args.sb3_untranslated,
+                  **overrides)
     for key, value in out.items():
         print(f"{key}: {value}")
 
