@@ -122,7 +122,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sb3-untranslated", action="store_true",
                         help="give sb3-contrib palate's max_kl and cg_damping unscaled (the old benchmark's mistake)")
     args = parser.parse_args(argv)
-    overrides = {"batch_size": 2048, "vf_iters": args.critic_full_batch} if args.critic_full_batch else {}
+    overrides = {}
+    if args.critic_full_batch:
+        from palate.bench.rl import preset_config
+
+        rollout = preset_config(args.env, "trpo", args.seed, 1_000_000).rollout_size
+        overrides = {"batch_size": rollout, "vf_iters": args.critic_full_batch}
     out = compare(args.env, args.seed, args.warmup, args.max_kl, args.cg_damping, not args.sb3_untranslated,
                   **overrides)
     for key, value in out.items():
