@@ -9,6 +9,11 @@ the same function of the data, so any gap in returns lies elsewhere (rollouts, c
 
     python -m palate.bench.trpo_step --env Hopper-v5            # the preset as it is
     python -m palate.bench.trpo_step --max-kl 0.01 --cg-damping 0.1 --sb3-untranslated
+
+``--lockstep K`` goes further: both libraries train K iterations from the same weights, the same
+env seeds and the same action noise (a full-batch critic, so no minibatch shuffling), and the
+script prints how far their parameters are apart after each; identical loops stay at float
+rounding until MuJoCo's sensitivity to it lets the trajectories part.
 """
 
 from __future__ import annotations
@@ -110,6 +115,85 @@ def compare(env: str = "Hopper-v5", seed: int = 0, warmup: int = 0, max_kl: floa
                                    / (critic_step.norm() * sb3_critic_step.norm()).clamp_min(1e-12))}
 
 
+def lockstep(env: str = "Hopper-v5", seed: int = 0, iterations: int = 5, max_kl: float | None = None,
+             cg_damping: float | None = None, critic_eps: float | None = None) -> list[dict[str, float]]:
+    """Train both for ``iterations`` rollouts in lock-step; per iteration the max |parameter gap|.
+
+    ``critic_eps`` overrides the Adam epsilon of palate's critic (sb3-contrib's is 1e-5 on the
+    full MSE; palate's critic loss is half the MSE, so 5e-6 here is the same optimiser).
+    """
+    import gymnasium as gym
+    from stable_baselines3.common.distributions import DiagGaussianDistribution
+
+    from palate.bench.rl import preset_config, sb3_model
+    from palate.core.trust_region import flat_params
+    from palate.rl import TRPO
+    from palate.rl.policies import ActorCritic
+
+    torch.set_num_threads(1)
+    cfg = preset_config(env, "trpo", seed, 1_000_000)
+    cfg = dataclasses.replace(cfg, max_kl=cfg.max_kl if max_kl is None else max_kl,
+                              cg_damping=cfg.cg_damping if cg_damping is None else cg_damping,
+                              batch_size=cfg.rollout_size)
+    steps = iterations * cfg.rollout_size
+    probe = gym.make(env)
+    obs_space, act_space = probe.observation_space, probe.action_space
+    probe.close()
+    noise = torch.randn((iterations, cfg.n_steps, cfg.n_envs, *act_space.shape),
+                        generator=torch.Generator().manual_seed(seed))
+
+    model, venv = sb3_model(cfg, "trpo")
+    init = copy.deepcopy(model.policy.state_dict())
+    drawn = {"sb3": 0, "palate": 0}
+    original_sample, original_noise = DiagGaussianDistribution.sample, ActorCritic.noise
+
+    def sb3_sample(dist: Any) -> torch.Tensor:  # one call per rollout step, all envs at once
+        k, t = divmod(drawn["sb3"], cfg.n_steps)
+        drawn["sb3"] += 1
+        return dist.distribution.mean + dist.distribution.stddev * noise[k, t]
+
+    def palate_noise(policy: Any, batch_shape: tuple[int, ...], generator: Any = None) -> torch.Tensor:
+        drawn["palate"] += 1  # one call per rollout
+        return noise[drawn["palate"] - 1]
+
+    sb3_states: list[dict[str, torch.Tensor]] = []
+    ours_states: list[tuple[torch.Tensor, torch.Tensor]] = []
+    train = model.train
+
+    def sb3_train() -> None:
+        train()
+        sb3_states.append(copy.deepcopy(model.policy.state_dict()))
+
+    model.train = sb3_train
+    ours = TRPO(cfg)
+    ours._setup_model(obs_space, act_space)
+    _load_sb3_weights(ours.policy, init)
+    if critic_eps is not None:
+        ours.optimizers["critic"].param_groups[0]["eps"] = critic_eps
+    update = ours.update
+
+    def ours_update(batch: Any, progress_remaining: float) -> dict[str, Any]:
+        out = update(batch, progress_remaining)
+        ours_states.append((flat_params(ours.policy.actor_parameters()), flat_params(ours.policy.critic_parameters())))
+        return out
+
+    ours.update = ours_update  # type: ignore[method-assign]
+    try:
+        DiagGaussianDistribution.sample = sb3_sample  # type: ignore[method-assign]
+        ActorCritic.noise = palate_noise  # type: ignore[method-assign]
+        model.learn(total_timesteps=steps)
+        ours.learn(total_steps=steps, progress=False)
+    finally:
+        DiagGaussianDistribution.sample, ActorCritic.noise = original_sample, original_noise  # type: ignore[method-assign]
+        venv.close()
+    gaps = []
+    for state, (actor, critic) in zip(sb3_states, ours_states, strict=True):
+        sb3_critic = torch.cat([state[n].reshape(-1) for n in _SB3_CRITIC])
+        gaps.append({"actor_max_abs_gap": float((actor - _sb3_actor_vector(state)).abs().max()),
+                     "critic_max_abs_gap": float((critic - sb3_critic).abs().max())})
+    return gaps
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="Hopper-v5", help="an env with a configs/rl preset (continuous actions)")
@@ -121,7 +205,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="fit the critic with EPOCHS full-batch steps (no minibatch shuffling on either side)")
     parser.add_argument("--sb3-untranslated", action="store_true",
                         help="give sb3-contrib palate's max_kl and cg_damping unscaled (the old benchmark's mistake)")
+    parser.add_argument("--lockstep", type=int, default=0, metavar="K",
+                        help="instead: train both K iterations in lock-step and print the parameter gaps")
+    parser.add_argument("--critic-eps", type=float, default=None, help="with --lockstep: palate critic's Adam eps")
     args = parser.parse_args(argv)
+    if args.lockstep:
+        gaps = lockstep(args.env, args.seed, args.lockstep, args.max_kl, args.cg_damping, args.critic_eps)
+        for k, gap in enumerate(gaps):
+            print(f"iteration {k}: actor max|gap| {gap['actor_max_abs_gap']:.2e}, "
+                  f"critic max|gap| {gap['critic_max_abs_gap']:.2e}")
+        return
     overrides = {}
     if args.critic_full_batch:
         from palate.bench.rl import preset_config
