@@ -116,11 +116,15 @@ def compare(env: str = "Hopper-v5", seed: int = 0, warmup: int = 0, max_kl: floa
 
 
 def lockstep(env: str = "Hopper-v5", seed: int = 0, iterations: int = 5, max_kl: float | None = None,
-             cg_damping: float | None = None, critic_eps: float | None = None) -> list[dict[str, float]]:
+             cg_damping: float | None = None, critic_eps: float | None = None,
+             minibatch: bool = False) -> list[dict[str, float]]:
     """Train both for ``iterations`` rollouts in lock-step; per iteration the max |parameter gap|.
 
     ``critic_eps`` overrides the Adam epsilon of palate's critic (sb3-contrib's is 1e-5 on the
     full MSE; palate's critic loss is half the MSE, so 5e-6 here is the same optimiser).
+    ``minibatch`` keeps the preset's critic minibatches and hands both libraries the same
+    shuffles (sb3-contrib's buffer is env-major, palate's batch time-major); otherwise the critic
+    takes full-batch steps.
     """
     import gymnasium as gym
     from stable_baselines3.common.distributions import DiagGaussianDistribution
@@ -134,8 +138,26 @@ def lockstep(env: str = "Hopper-v5", seed: int = 0, iterations: int = 5, max_kl:
     cfg = preset_config(env, "trpo", seed, 1_000_000)
     cfg = dataclasses.replace(cfg, max_kl=cfg.max_kl if max_kl is None else max_kl,
                               cg_damping=cfg.cg_damping if cg_damping is None else cg_damping,
-                              batch_size=cfg.rollout_size)
+                              batch_size=cfg.batch_size if minibatch else cfg.rollout_size)
     steps = iterations * cfg.rollout_size
+    size, n_steps, n_envs = cfg.rollout_size, cfg.n_steps, cfg.n_envs
+    shuffles = np.random.default_rng(seed).permuted(np.tile(np.arange(size), (iterations * cfg.vf_iters, 1)), axis=1)
+    taken = {"sb3_calls": 0, "sb3": 0, "palate": 0}
+    original_permutation, original_randperm = np.random.permutation, torch.randperm
+
+    def sb3_permutation(n: Any) -> Any:
+        if not (isinstance(n, int | np.integer) and n == size):
+            return original_permutation(n)
+        taken["sb3_calls"] += 1
+        if (taken["sb3_calls"] - 1) % (cfg.vf_iters + 1) == 0:
+            return np.arange(size)  # the policy step's one full batch: order does not matter
+        taken["sb3"] += 1
+        return shuffles[taken["sb3"] - 1].copy()
+
+    def palate_randperm(n: int, generator: Any = None, **kwargs: Any) -> torch.Tensor:
+        taken["palate"] += 1  # sb3-contrib's row i is env i // T, step i % T: palate's row t * N + env
+        order = shuffles[taken["palate"] - 1]
+        return torch.as_tensor((order % n_steps) * n_envs + order // n_steps)
     probe = gym.make(env)
     obs_space, act_space = probe.observation_space, probe.action_space
     probe.close()
@@ -181,10 +203,16 @@ def lockstep(env: str = "Hopper-v5", seed: int = 0, iterations: int = 5, max_kl:
     try:
         DiagGaussianDistribution.sample = sb3_sample  # type: ignore[method-assign]
         ActorCritic.noise = palate_noise  # type: ignore[method-assign]
+        if minibatch:
+            np.random.permutation = sb3_permutation
         model.learn(total_timesteps=steps)
+        np.random.permutation = original_permutation
+        if minibatch:
+            torch.randperm = palate_randperm
         ours.learn(total_steps=steps, progress=False)
     finally:
         DiagGaussianDistribution.sample, ActorCritic.noise = original_sample, original_noise  # type: ignore[method-assign]
+        np.random.permutation, torch.randperm = original_permutation, original_randperm
         venv.close()
     gaps = []
     for state, (actor, critic) in zip(sb3_states, ours_states, strict=True):
@@ -208,9 +236,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lockstep", type=int, default=0, metavar="K",
                         help="instead: train both K iterations in lock-step and print the parameter gaps")
     parser.add_argument("--critic-eps", type=float, default=None, help="with --lockstep: palate critic's Adam eps")
+    parser.add_argument("--minibatch", action="store_true",
+                        help="with --lockstep: the preset's critic minibatches, shuffled alike on both sides")
     args = parser.parse_args(argv)
     if args.lockstep:
-        gaps = lockstep(args.env, args.seed, args.lockstep, args.max_kl, args.cg_damping, args.critic_eps)
+        gaps = lockstep(args.env, args.seed, args.lockstep, args.max_kl, args.cg_damping, args.critic_eps,
+                        args.minibatch)
         for k, gap in enumerate(gaps):
             print(f"iteration {k}: actor max|gap| {gap['actor_max_abs_gap']:.2e}, "
                   f"critic max|gap| {gap['critic_max_abs_gap']:.2e}")

@@ -136,12 +136,12 @@ def test_trpo_step_equals_sb3_contribs_on_a_shared_rollout():
 
 
 def test_trpo_loop_tracks_sb3_contrib_in_lockstep():
-    """Same weights, env seeds and action noise: rollouts, GAE, normalisation and both updates agree
-    to float rounding over two iterations (bench extra only)."""
+    """Same weights, env seeds, action noise and critic shuffles: rollouts, GAE, normalisation and
+    both updates agree to float rounding over two iterations (bench extra only)."""
     pytest.importorskip("sb3_contrib")
     from palate.bench.trpo_step import lockstep
 
-    gaps = lockstep("Hopper-v5", seed=0, iterations=2, max_kl=0.03, cg_damping=0.3, critic_eps=5e-6)
+    gaps = lockstep("Hopper-v5", seed=0, iterations=2, max_kl=0.03, cg_damping=0.3, critic_eps=5e-6, minibatch=True)
     assert len(gaps) == 2
     for gap in gaps:
         assert gap["actor_max_abs_gap"] < 1e-4 and gap["critic_max_abs_gap"] < 1e-4
