@@ -108,7 +108,9 @@ class PPOConfig(OnPolicyConfig):
 
 @dataclass
 class TRPOConfig(OnPolicyConfig):
-    """TRPO (Schulman et al. 2015). Defaults are sb3-contrib's TRPO."""
+    """TRPO (Schulman et al. 2015). Defaults are sb3-contrib's TRPO numbers; for a Gaussian policy
+    sb3-contrib's KL is per action dimension, so its defaults are ``max_kl`` and ``cg_damping``
+    times the action dimension here (docs/rl.md)."""
 
     update: Literal["trust_region", "kl_penalty"] = doc_field(
         "trust_region", "trust_region: max surrogate s.t. KL <= max_kl; kl_penalty: max surrogate - beta KL")
