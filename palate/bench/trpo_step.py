@@ -11,9 +11,10 @@ the same function of the data, so any gap in returns lies elsewhere (rollouts, c
     python -m palate.bench.trpo_step --max-kl 0.01 --cg-damping 0.1 --sb3-untranslated
 
 ``--lockstep K`` goes further: both libraries train K iterations from the same weights, the same
-env seeds and the same action noise (a full-batch critic, so no minibatch shuffling), and the
-script prints how far their parameters are apart after each; identical loops stay at float
-rounding until MuJoCo's sensitivity to it lets the trajectories part.
+env seeds and the same action noise (a full-batch critic, or with ``--minibatch`` the preset's
+critic minibatches shuffled alike on both sides), and the script prints how far their parameters
+are apart after each; identical loops stay at float rounding until MuJoCo's sensitivity to it
+lets the trajectories part. Needs the ``bench`` extra (SB3, sb3-contrib).
 """
 
 from __future__ import annotations
