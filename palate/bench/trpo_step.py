@@ -44,8 +44,26 @@ def _load_sb3_weights(policy: Any, state: dict[str, torch.Tensor]) -> None:
         policy.log_std.copy_(state["log_std"])
 
 
+def _sb3_vector(state: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    """The named SB3 parameters as one flat vector, in palate's parameter order."""
+    return torch.cat([state[n].reshape(-1) for n in names])
+
+
 def _sb3_actor_vector(state: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([state[n].reshape(-1) for n in [*_SB3_ACTOR, "log_std"]])
+    return _sb3_vector(state, [*_SB3_ACTOR, "log_std"])
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-12))
+
+
+def _trpo_config(env: str, seed: int, max_kl: float | None, cg_damping: float | None, **overrides: Any) -> Any:
+    """The env's preset TRPO config with ``max_kl`` / ``cg_damping`` (when given) and ``overrides``."""
+    from palate.bench.rl import preset_config
+
+    cfg = preset_config(env, "trpo", seed, 1_000_000)
+    return dataclasses.replace(cfg, max_kl=cfg.max_kl if max_kl is None else max_kl,
+                               cg_damping=cfg.cg_damping if cg_damping is None else cg_damping, **overrides)
 
 
 def compare(env: str = "Hopper-v5", seed: int = 0, warmup: int = 0, max_kl: float | None = None,
@@ -55,15 +73,13 @@ def compare(env: str = "Hopper-v5", seed: int = 0, warmup: int = 0, max_kl: floa
     ``overrides`` replace other config fields (e.g. ``batch_size=2048, vf_iters=1``: one
     full-batch critic step, which does not depend on either library's minibatch shuffling).
     """
-    from palate.bench.rl import preset_config, sb3_model
+    from palate.bench.rl import sb3_model
     from palate.core.trust_region import flat_params
     from palate.rl import TRPO
     from palate.rl.buffer import Batch
 
     torch.set_num_threads(1)
-    cfg = preset_config(env, "trpo", seed, 1_000_000)
-    cfg = dataclasses.replace(cfg, max_kl=cfg.max_kl if max_kl is None else max_kl,
-                              cg_damping=cfg.cg_damping if cg_damping is None else cg_damping, **overrides)
+    cfg = _trpo_config(env, seed, max_kl, cg_damping, **overrides)
     model, venv = sb3_model(cfg, "trpo")
     if not translate:  # sb3-contrib given palate's numbers as they are
         model.target_kl, model.cg_damping = cfg.max_kl, cfg.cg_damping
@@ -100,20 +116,17 @@ def compare(env: str = "Hopper-v5", seed: int = 0, warmup: int = 0, max_kl: floa
     metrics = ours.update(batch, 1.0)
     step = flat_params(ours.policy.actor_parameters()) - start
     critic_step = flat_params(ours.policy.critic_parameters()) - critic_start
-    sb3_critic_step = (torch.cat([captured["after"][n].reshape(-1) for n in _SB3_CRITIC])
-                       - torch.cat([captured["before"][n].reshape(-1) for n in _SB3_CRITIC]))
+    sb3_critic_step = _sb3_vector(captured["after"], _SB3_CRITIC) - _sb3_vector(captured["before"], _SB3_CRITIC)
     sb3_step = _sb3_actor_vector(captured["after"]) - _sb3_actor_vector(captured["before"])
-    cosine = float(step @ sb3_step / (step.norm() * sb3_step.norm()).clamp_min(1e-12))
     dims = int(batch.actions.shape[-1])
     return {"env": env, "seed": seed, "warmup": warmup, "palate": {"max_kl": cfg.max_kl, "cg_damping": cfg.cg_damping},
             "sb3_contrib": {"target_kl": model.target_kl, "cg_damping": model.cg_damping},
             "logp_gap_at_start": logp_gap, "palate_step_norm": float(step.norm()),
-            "sb3_step_norm": float(sb3_step.norm()), "cosine": cosine,
+            "sb3_step_norm": float(sb3_step.norm()), "cosine": _cosine(step, sb3_step),
             "palate_log_std_step": step[-dims:].tolist(), "sb3_log_std_step": sb3_step[-dims:].tolist(),
             "palate_kl": metrics["losses/approx_kl"], "palate_backtracks": metrics["trpo/backtracks"],
             "critic_step_norms": [float(critic_step.norm()), float(sb3_critic_step.norm())],
-            "critic_cosine": float(critic_step @ sb3_critic_step
-                                   / (critic_step.norm() * sb3_critic_step.norm()).clamp_min(1e-12))}
+            "critic_cosine": _cosine(critic_step, sb3_critic_step)}
 
 
 def lockstep(env: str = "Hopper-v5", seed: int = 0, iterations: int = 5, max_kl: float | None = None,
@@ -130,16 +143,15 @@ def lockstep(env: str = "Hopper-v5", seed: int = 0, iterations: int = 5, max_kl:
     import gymnasium as gym
     from stable_baselines3.common.distributions import DiagGaussianDistribution
 
-    from palate.bench.rl import preset_config, sb3_model
+    from palate.bench.rl import sb3_model
     from palate.core.trust_region import flat_params
     from palate.rl import TRPO
     from palate.rl.policies import ActorCritic
 
     torch.set_num_threads(1)
-    cfg = preset_config(env, "trpo", seed, 1_000_000)
-    cfg = dataclasses.replace(cfg, max_kl=cfg.max_kl if max_kl is None else max_kl,
-                              cg_damping=cfg.cg_damping if cg_damping is None else cg_damping,
-                              batch_size=cfg.batch_size if minibatch else cfg.rollout_size)
+    cfg = _trpo_config(env, seed, max_kl, cg_damping)
+    if not minibatch:
+        cfg = dataclasses.replace(cfg, batch_size=cfg.rollout_size)
     steps = iterations * cfg.rollout_size
     size, n_steps, n_envs = cfg.rollout_size, cfg.n_steps, cfg.n_envs
     shuffles = np.random.default_rng(seed).permuted(np.tile(np.arange(size), (iterations * cfg.vf_iters, 1)), axis=1)
@@ -217,7 +229,7 @@ def lockstep(env: str = "Hopper-v5", seed: int = 0, iterations: int = 5, max_kl:
         venv.close()
     gaps = []
     for state, (actor, critic) in zip(sb3_states, ours_states, strict=True):
-        sb3_critic = torch.cat([state[n].reshape(-1) for n in _SB3_CRITIC])
+        sb3_critic = _sb3_vector(state, _SB3_CRITIC)
         gaps.append({"actor_max_abs_gap": float((actor - _sb3_actor_vector(state)).abs().max()),
                      "critic_max_abs_gap": float((critic - sb3_critic).abs().max())})
     return gaps
@@ -249,9 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     overrides = {}
     if args.critic_full_batch:
-        from palate.bench.rl import preset_config
-
-        rollout = preset_config(args.env, "trpo", args.seed, 1_000_000).rollout_size
+        rollout = _trpo_config(args.env, args.seed, None, None).rollout_size
         overrides = {"batch_size": rollout, "vf_iters": args.critic_full_batch}
     out = compare(args.env, args.seed, args.warmup, args.max_kl, args.cg_damping, not args.sb3_untranslated,
                   **overrides)
