@@ -16,10 +16,17 @@ one epoch each, every arm in its own process so peak RSS is its own:
    time is reported). Held-out accuracy is measured on the same validation pairs for both;
    palate's with its own evaluation, TRL's with ``trainer.evaluate``.
 
+Both libraries run with the same settings where they have one: no gradient checkpointing (TRL
+turns it on by default; palate does not), float32 on the CPU, bf16 autocast over float32 weights
+on a GPU (``--device cuda``), where every arm trains the same number of epochs and the peak GPU
+memory is read too. ``--model`` takes another model directory of the same kind, e.g. SmolLM2-135M's
+architecture with random weights on a machine that cannot hold the real file (throughput does not
+depend on the weights' values; accuracy does, and is then meaningless).
+
 TRL is not a palate dependency: it is installed with ``pip install --no-deps --target
 bench-venvs/trl trl==1.16.0`` (its dependencies are palate's own) and put on ``PYTHONPATH`` for
-the TRL arms only. ``python -m palate.bench lm-sft-rm`` runs everything (about half an hour on two
-CPU cores).
+the TRL arms only (``--trl-path`` for another place). ``python -m palate.bench lm-sft-rm`` runs
+everything (about half an hour on two CPU cores).
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ from palate.runs import atomic_write_text
 ROOT = Path(__file__).resolve().parents[2]
 TRL_PATH = ROOT / "bench-venvs" / "trl"
 MODEL = "smollm2-135m-instruct"
+# Run options shared by the driver and the arm processes it launches (set from the command line).
+OPTS: dict[str, Any] = {"device": "cpu", "model": MODEL, "epochs": 1, "trl_path": str(TRL_PATH)}
 THREADS = int(os.environ.get("PALATE_BENCH_THREADS", "1"))
 SETTINGS = {
     "train_prompts": 128, "k": 4, "batch_size": 8, "max_length": 128,
@@ -50,6 +59,16 @@ def _peak_rss_mb() -> float:
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _peak_gpu_mb() -> float | None:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
+
+
+def _gpu() -> bool:
+    return OPTS["device"] != "cpu"
 
 
 def _pairs(path: Path) -> list[dict[str, str]]:
@@ -73,7 +92,7 @@ def _count_tokens(work: Path, kind: str) -> int:
     from palate.lm.formatting import encode_prompt_completion
     from palate.lm.models import load_tokenizer
 
-    tok = load_tokenizer(MODEL)
+    tok = load_tokenizer(OPTS["model"])
     L = SETTINGS["max_length"]
     if kind == "sft":
         return sum(len(encode_prompt_completion(tok, e.prompt, e.completion, False, L)["input_ids"])
@@ -109,13 +128,15 @@ def arm_data(work: Path) -> dict[str, Any]:
 def arm_palate_sft(work: Path) -> dict[str, Any]:
     from palate.lm.sft import SFTConfig, train_sft
 
-    run = train_sft(SFTConfig(model=MODEL, train_data=str(work / "demos.jsonl"), val_fraction=0.0, chat=False,
-                              epochs=1.0, batch_size=SETTINGS["batch_size"], max_length=SETTINGS["max_length"],
-                              lr=SETTINGS["sft_lr"], eval_every=10**6, runs_dir=str(work / "runs"),
-                              run_name="palate-sft", overwrite=True, seed=SETTINGS["seed"], tensorboard=False))
+    run = train_sft(SFTConfig(model=OPTS["model"], train_data=str(work / "demos.jsonl"), val_fraction=0.0,
+                              chat=False, epochs=float(OPTS["epochs"]), batch_size=SETTINGS["batch_size"],
+                              max_length=SETTINGS["max_length"], lr=SETTINGS["sft_lr"], eval_every=10**6,
+                              runs_dir=str(work / "runs"), run_name="palate-sft", overwrite=True,
+                              seed=SETTINGS["seed"], tensorboard=False, cpu=not _gpu(),
+                              mixed_precision="bf16" if _gpu() else "no", gradient_checkpointing=False))
     summary = json.loads((run / "summary.json").read_text())
     return {"train_seconds": summary["train_seconds"], "steps": summary["steps"], "tokens": summary.get("tokens"),
-            "final_loss": summary["final_train_loss"], "peak_rss_mb": _peak_rss_mb()}
+            "final_loss": summary["final_train_loss"], "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _peak_gpu_mb()}
 
 
 def arm_trl_sft(work: Path) -> dict[str, Any]:
@@ -125,21 +146,22 @@ def arm_trl_sft(work: Path) -> dict[str, Any]:
     from palate.data.formats import read_sft
     from palate.lm.models import load_model
 
-    model, tok = load_model(MODEL)
+    model, tok = load_model(OPTS["model"], device=OPTS["device"])
     tok.padding_side = "right"
     data = Dataset.from_list([{"prompt": e.prompt, "completion": e.completion} for e in read_sft(work / "demos.jsonl")])
     args = SFTConfig(output_dir=str(work / "runs" / "trl-sft"), per_device_train_batch_size=SETTINGS["batch_size"],
-                     num_train_epochs=1, max_length=SETTINGS["max_length"], learning_rate=SETTINGS["sft_lr"],
-                     lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=1, save_strategy="no",
-                     report_to="none", use_cpu=True, dataloader_num_workers=0, seed=SETTINGS["seed"],
-                     completion_only_loss=True, packing=False, bf16=False)
+                     num_train_epochs=OPTS["epochs"], max_length=SETTINGS["max_length"],
+                     learning_rate=SETTINGS["sft_lr"], lr_scheduler_type="cosine", warmup_steps=0.05,
+                     logging_steps=1, save_strategy="no", report_to="none", use_cpu=not _gpu(),
+                     dataloader_num_workers=0, seed=SETTINGS["seed"], completion_only_loss=True, packing=False,
+                     bf16=_gpu(), gradient_checkpointing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
     start = time.perf_counter()
     out = trainer.train()
     seconds = time.perf_counter() - start
     logs = trainer.state.log_history
     return {"train_seconds": round(seconds, 2), "steps": out.global_step, "final_loss":
-            [h["loss"] for h in logs if "loss" in h][-1], "peak_rss_mb": _peak_rss_mb(),
+            [h["loss"] for h in logs if "loss" in h][-1], "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _peak_gpu_mb(),
             "tokens": max((h.get("num_tokens", 0) for h in logs), default=None)}
 
 
@@ -147,15 +169,16 @@ def arm_palate_rm(work: Path) -> dict[str, Any]:
     from palate.lm.reward import RMConfig, train_reward_model
 
     run = train_reward_model(RMConfig(
-        model=MODEL, train_data=str(work / "train.jsonl"), val_data=str(work / "val.jsonl"), task="sentiment",
-        epochs=1.0, batch_size=SETTINGS["batch_size"], max_length=SETTINGS["max_length"], lr=SETTINGS["rm_lr"],
-        eval_every=10**6, runs_dir=str(work / "runs"), run_name="palate-rm", overwrite=True, seed=SETTINGS["seed"],
-        tensorboard=False))
+        model=OPTS["model"], train_data=str(work / "train.jsonl"), val_data=str(work / "val.jsonl"),
+        task="sentiment", epochs=float(OPTS["epochs"]), batch_size=SETTINGS["batch_size"],
+        max_length=SETTINGS["max_length"], lr=SETTINGS["rm_lr"], eval_every=10**6, runs_dir=str(work / "runs"),
+        run_name="palate-rm", overwrite=True, seed=SETTINGS["seed"], tensorboard=False, cpu=not _gpu(),
+        mixed_precision="bf16" if _gpu() else "no", gradient_checkpointing=False))
     s = json.loads((run / "summary.json").read_text())
     return {"train_seconds": s["train_seconds"], "steps": s["steps"], "tokens": s.get("tokens"),
             "val_accuracy": s.get("rm/val_accuracy"),
             "held_out_accuracy": s.get("rm/held_out_accuracy"), "val_ece": s.get("rm/val_ece"),
-            "peak_rss_mb": _peak_rss_mb()}
+            "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _peak_gpu_mb()}
 
 
 def arm_trl_rm(work: Path) -> dict[str, Any]:
@@ -167,10 +190,11 @@ def arm_trl_rm(work: Path) -> dict[str, Any]:
     from palate.lm.models import load_tokenizer, resolve_model_path
 
     torch.manual_seed(SETTINGS["seed"])
-    tok = load_tokenizer(MODEL)
+    tok = load_tokenizer(OPTS["model"])
     tok.padding_side = "right"
-    model = AutoModelForSequenceClassification.from_pretrained(str(resolve_model_path(MODEL)), num_labels=1)
+    model = AutoModelForSequenceClassification.from_pretrained(str(resolve_model_path(OPTS["model"])), num_labels=1)
     model.config.pad_token_id = tok.pad_token_id
+    model.to(OPTS["device"])
 
     def load(name: str, labeller: str | None = None) -> Dataset:
         rows = [json.loads(x) for x in (work / f"{name}.jsonl").read_text().splitlines()]
@@ -179,14 +203,16 @@ def arm_trl_rm(work: Path) -> dict[str, Any]:
         return Dataset.from_list(rows)
 
     args = RewardConfig(output_dir=str(work / "runs" / "trl-rm"), per_device_train_batch_size=SETTINGS["batch_size"],
-                        per_device_eval_batch_size=16, num_train_epochs=1, max_length=SETTINGS["max_length"],
-                        learning_rate=SETTINGS["rm_lr"], lr_scheduler_type="cosine", warmup_steps=0.05,
-                        logging_steps=10, save_strategy="no", report_to="none", use_cpu=True,
-                        dataloader_num_workers=0, seed=SETTINGS["seed"], bf16=False)
-    # Equal wall-clock budget: one epoch over the expanded pairs costs TRL several times palate's
-    # time (2 forward passes per pair instead of K per ranking), more than a CPU run can afford,
-    # so TRL trains for as long as palate's reward model took and its accuracy is read there.
-    budget = json.loads((work / "palate-rm.json").read_text())["train_seconds"]
+                        per_device_eval_batch_size=16, num_train_epochs=OPTS["epochs"],
+                        max_length=SETTINGS["max_length"], learning_rate=SETTINGS["rm_lr"],
+                        lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=10, save_strategy="no",
+                        report_to="none", use_cpu=not _gpu(), dataloader_num_workers=0, seed=SETTINGS["seed"],
+                        bf16=_gpu(), gradient_checkpointing=False)
+    # Equal wall-clock budget on the CPU: one epoch over the expanded pairs costs TRL several times
+    # palate's time (2 forward passes per pair instead of K per ranking), more than a CPU run can
+    # afford, so TRL trains for as long as palate's reward model took and its accuracy is read
+    # there. On a GPU both train every epoch.
+    budget = json.loads((work / "palate-rm.json").read_text())["train_seconds"] if not _gpu() else float("inf")
 
     class WallClockBudget(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
@@ -206,7 +232,8 @@ def arm_trl_rm(work: Path) -> dict[str, Any]:
     return {"train_seconds": round(seconds, 2), "steps": out.global_step, "tokens": tokens,
             "epoch_steps": epoch_steps, "budget_seconds": budget,
             "epoch_seconds_extrapolated": round(seconds / max(out.global_step, 1) * epoch_steps, 1),
-            "val_accuracy": val, "held_out_accuracy": held, "peak_rss_mb": _peak_rss_mb()}
+            "val_accuracy": val, "held_out_accuracy": held, "peak_rss_mb": _peak_rss_mb(),
+            "peak_gpu_mb": _peak_gpu_mb()}
 
 
 def _trl_pair_accuracy(model: Any, tok: Any, work: Path) -> tuple[float, float]:
@@ -224,7 +251,7 @@ def _trl_pair_accuracy(model: Any, tok: Any, work: Path) -> tuple[float, float]:
     model.eval()
     for start in range(0, len(texts), 16):
         chunk = texts[start:start + 16]
-        enc = tok(chunk, return_tensors="pt", padding=True)
+        enc = tok(chunk, return_tensors="pt", padding=True).to(model.device)
         with torch.no_grad():
             out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.squeeze(-1)
         scores.update(zip(chunk, out.tolist()))
@@ -247,11 +274,14 @@ def _launch(arm: str, work: Path) -> dict[str, Any]:
     # spin against each other (we saw a 10x slowdown with 2 threads under a load average of 8).
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(THREADS)
     if arm.startswith("trl"):
-        if not (TRL_PATH / "trl").is_dir():
+        trl_path = Path(OPTS["trl_path"])
+        if not (trl_path / "trl").is_dir():
             raise RuntimeError(f"TRL is not installed for the benchmark; run: pip install --no-deps --target "
-                               f"{TRL_PATH} trl==1.16.0")
-        env["PYTHONPATH"] = os.pathsep.join([str(TRL_PATH), str(ROOT), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "palate.bench.lm_part1", "--arm", arm, "--work", str(work)]
+                               f"{trl_path} trl==1.16.0")
+        env["PYTHONPATH"] = os.pathsep.join([str(trl_path), str(ROOT), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "palate.bench.lm_part1", "--arm", arm, "--work", str(work),
+           "--device", OPTS["device"], "--model", OPTS["model"], "--epochs", str(OPTS["epochs"]),
+           "--batch-size", str(SETTINGS["batch_size"])]
     print(f"[lm-sft-rm] {arm} ...", flush=True)
     subprocess.run(cmd, env=env, check=True, cwd=ROOT)
     return json.loads((work / f"{arm}.json").read_text())
@@ -268,7 +298,9 @@ def run(out_dir: str | Path, reuse: bool | None = None) -> dict[str, Any]:
     out = Path(out_dir)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"settings": SETTINGS, "model": MODEL, "torch_threads": THREADS,
+    results: dict[str, Any] = {"settings": SETTINGS, "model": OPTS["model"], "device": OPTS["device"],
+                               "epochs": OPTS["epochs"], "gradient_checkpointing": False,
+                               "precision": "bf16 autocast" if _gpu() else "float32", "torch_threads": THREADS,
                                "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()}
     for arm in ARMS:
         if arm == "data" and (work / "val_pairs.jsonl").is_file():
@@ -293,26 +325,29 @@ def run(out_dir: str | Path, reuse: bool | None = None) -> dict[str, Any]:
         # Each trainer counts the real (non-padding) tokens it processed; the harness's count of
         # one epoch with palate's encoding is kept beside it as a cross-check.
         r["epoch_tokens_counted_by_harness"] = tokens[key]
-        r["tokens"] = r.get("tokens") or tokens[key]
+        r["tokens"] = r.get("tokens") or tokens[key] * OPTS["epochs"]
         r["tokens_per_s"] = round(r["tokens"] / r["train_seconds"], 1)
         if arm == "palate-rm":  # one full epoch: every pair of every ranking
             r["pairs_per_s"] = round(n_pairs / r["train_seconds"], 2)
         elif arm == "trl-rm":
             r["pairs_per_s"] = round(r["steps"] * SETTINGS["batch_size"] / r["train_seconds"], 2)
     results["speedup_sft"] = round(results["trl-sft"]["train_seconds"] / results["palate-sft"]["train_seconds"], 2)
-    # TRL's reward model ran on a time budget, so compare the time of one epoch over the same data.
+    # TRL's reward model ran on a time budget (CPU), so compare the time of one epoch over the same data.
     results["speedup_rm_epoch"] = round(results["trl-rm"]["epoch_seconds_extrapolated"]
-                                        / results["palate-rm"]["train_seconds"], 2)
+                                        / (results["palate-rm"]["train_seconds"] / OPTS["epochs"]), 2)
     results["speedup_rm_tokens_per_s"] = round(results["palate-rm"]["tokens_per_s"]
                                                / results["trl-rm"]["tokens_per_s"], 2)
     results["load_average_at_end"] = os.getloadavg()
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-    rows = ["| arm | steps | train s | tokens/s | pairs/s | peak RSS MiB | val acc | held-out acc |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| arm | steps | train s | tokens/s | pairs/s | peak RSS MiB | peak GPU MiB | val acc | held-out acc |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for arm in ("palate-sft", "trl-sft", "palate-rm", "trl-rm"):
         r = results[arm]
         rows.append(f"| {arm} | {r['steps']} | {r['train_seconds']} | {r['tokens_per_s']} | {r.get('pairs_per_s', '')} "
-                    f"| {r['peak_rss_mb']} | {r.get('val_accuracy', '')} | {r.get('held_out_accuracy', '')} |")
+                    f"| {r['peak_rss_mb']} | {r.get('peak_gpu_mb') or ''} | {r.get('val_accuracy', '')} "
+                    f"| {r.get('held_out_accuracy', '')} |")
+    rows.append(f"\nspeed-ups: SFT {results['speedup_sft']}x, RM epoch {results['speedup_rm_epoch']}x, "
+                f"RM tokens/s {results['speedup_rm_tokens_per_s']}x ({results['device']}, {results['precision']})")
     atomic_write_text(out / "table.md", "\n".join(rows) + "\n")
     print("\n".join(rows))
     return results
@@ -323,7 +358,15 @@ def main() -> None:
     parser.add_argument("--arm", choices=list(ARMS))
     parser.add_argument("--work", type=Path)
     parser.add_argument("--out", default="bench-results/lm-sft-rm")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: bf16 autocast, every arm trains all epochs")
+    parser.add_argument("--model", default=MODEL, help="model alias or directory (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs of every arm (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=SETTINGS["batch_size"],
+                        help="SFT demonstrations, RM rankings (palate) and RM pairs (TRL) per step (default: %(default)s)")
+    parser.add_argument("--trl-path", default=str(TRL_PATH), help="directory holding the trl package")
     args = parser.parse_args()
+    SETTINGS["batch_size"] = args.batch_size
+    OPTS.update(device=args.device, model=args.model, epochs=args.epochs, trl_path=args.trl_path)
     if args.arm:
         result = ARMS[args.arm](args.work)
         atomic_write_text(args.work / f"{args.arm}.json", json.dumps(result, indent=2) + "\n")

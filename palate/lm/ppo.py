@@ -61,7 +61,7 @@ from palate.lm.prefix import (
 from palate.lm.pretrain_text import PretrainBatches, lm_nll
 from palate.lm.rl_configs import LMPPOConfig
 from palate.lm.sft import save_causal_lm
-from palate.lm.training import adamw
+from palate.lm.training import adamw, reset_accelerator_settings
 from palate.runs import (
     MetricsLogger,
     atomic_torch_save,
@@ -299,6 +299,7 @@ class LMPPOTrainer:
         self.prompt_ids = [encode_prompt(p)[-cfg.max_prompt_length:] for p in self.prompts]
         self.online = online
         cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        reset_accelerator_settings()
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
         self.device = self.accelerator.device
 

@@ -30,12 +30,26 @@ def make_accelerator(cpu: bool = False, mixed_precision: str = "no", gradient_ac
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
+    reset_accelerator_settings()
     return Accelerator(
         cpu=cpu or not torch.cuda.is_available(),
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
+
+
+def reset_accelerator_settings() -> None:
+    """Forget the previous ``Accelerator``'s settings (mixed precision, CPU) in this process.
+
+    accelerate keeps them in a process-wide singleton and refuses a second ``Accelerator`` with a
+    different ``mixed_precision``, so a notebook that trains SFT in float32 and then a reward model
+    in bf16 would fail. Only those settings are dropped: the process group of a distributed launch
+    (accelerate's ``PartialState``) stays as it is.
+    """
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def split_train_val(items: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:

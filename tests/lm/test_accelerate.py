@@ -85,3 +85,13 @@ def test_two_gloo_processes_match_one_process(workdir: Path) -> None:
         assert len(one) == len(two) == count, (key, one, two)
         assert one == pytest.approx(two, rel=1e-4, abs=1e-5), (key, one, two)
     assert _losses(outputs[1] / "sft", "sft/loss")[1] != _losses(outputs[1] / "sft", "sft/loss")[0]
+
+
+def test_a_second_accelerator_may_change_mixed_precision() -> None:
+    """SFT in float32 then a reward model in bf16, in one process (a notebook): accelerate's
+    singleton would refuse the second; ``make_accelerator`` starts from fresh settings."""
+    from palate.lm.training import make_accelerator
+
+    # Accelerators read the process-wide state, so each is checked before the next is made.
+    for precision in ("no", "bf16", "no"):
+        assert make_accelerator(cpu=True, mixed_precision=precision).mixed_precision == precision
