@@ -327,8 +327,8 @@ def run(out_dir: str | Path, reuse: bool | None = None) -> dict[str, Any]:
         r["epoch_tokens_counted_by_harness"] = tokens[key]
         r["tokens"] = r.get("tokens") or tokens[key] * OPTS["epochs"]
         r["tokens_per_s"] = round(r["tokens"] / r["train_seconds"], 1)
-        if arm == "palate-rm":  # one full epoch: every pair of every ranking
-            r["pairs_per_s"] = round(n_pairs / r["train_seconds"], 2)
+        if arm == "palate-rm":  # every pair of every ranking, once per epoch
+            r["pairs_per_s"] = round(n_pairs * OPTS["epochs"] / r["train_seconds"], 2)
         elif arm == "trl-rm":
             r["pairs_per_s"] = round(r["steps"] * SETTINGS["batch_size"] / r["train_seconds"], 2)
     results["speedup_sft"] = round(results["trl-sft"]["train_seconds"] / results["palate-sft"]["train_seconds"], 2)
