@@ -14,7 +14,9 @@ the same function of the data, so any gap in returns lies elsewhere (rollouts, c
 env seeds and the same action noise (a full-batch critic, or with ``--minibatch`` the preset's
 critic minibatches shuffled alike on both sides), and the script prints how far their parameters
 are apart after each; identical loops stay at float rounding until MuJoCo's sensitivity to it
-lets the trajectories part. Needs the ``bench`` extra (SB3, sb3-contrib).
+lets the trajectories part. ``--time-limit N`` cuts episodes at N steps so that truncated
+episodes, bootstrapped with V(final observation), occur from the first rollout. Needs the
+``bench`` extra (SB3, sb3-contrib).
 """
 
 from __future__ import annotations
@@ -129,16 +131,28 @@ def compare(env: str = "Hopper-v5", seed: int = 0, warmup: int = 0, max_kl: floa
             "critic_cosine": _cosine(critic_step, sb3_critic_step)}
 
 
+def _time_limited(env: str, limit: int) -> str:
+    """An env id for ``env`` with a ``limit``-step time limit (registered once), to force truncation."""
+    import gymnasium as gym
+
+    new_id = f"palate-bench/{env.split('/')[-1].rsplit('-v', 1)[0]}Limit{limit}-v0"
+    if new_id not in gym.registry:
+        spec = gym.spec(env)
+        gym.register(id=new_id, entry_point=spec.entry_point, kwargs=dict(spec.kwargs), max_episode_steps=limit)
+    return new_id
+
+
 def lockstep(env: str = "Hopper-v5", seed: int = 0, iterations: int = 5, max_kl: float | None = None,
              cg_damping: float | None = None, critic_eps: float | None = None,
-             minibatch: bool = False) -> list[dict[str, float]]:
+             minibatch: bool = False, time_limit: int | None = None) -> list[dict[str, float]]:
     """Train both for ``iterations`` rollouts in lock-step; per iteration the max |parameter gap|.
 
     ``critic_eps`` overrides the Adam epsilon of palate's critic (sb3-contrib's is 1e-5 on the
     full MSE; palate's critic loss is half the MSE, so 5e-6 here is the same optimiser).
     ``minibatch`` keeps the preset's critic minibatches and hands both libraries the same
     shuffles (sb3-contrib's buffer is env-major, palate's batch time-major); otherwise the critic
-    takes full-batch steps.
+    takes full-batch steps. ``time_limit`` cuts episodes at that many steps, so that truncated
+    episodes (bootstrapped with V(final observation)) occur from the first rollout.
     """
     import gymnasium as gym
     from stable_baselines3.common.distributions import DiagGaussianDistribution
@@ -150,6 +164,8 @@ def lockstep(env: str = "Hopper-v5", seed: int = 0, iterations: int = 5, max_kl:
 
     torch.set_num_threads(1)
     cfg = _trpo_config(env, seed, max_kl, cg_damping)
+    if time_limit:
+        cfg = dataclasses.replace(cfg, env=_time_limited(env, time_limit))
     if not minibatch:
         cfg = dataclasses.replace(cfg, batch_size=cfg.rollout_size)
     steps = iterations * cfg.rollout_size
@@ -251,10 +267,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--critic-eps", type=float, default=None, help="with --lockstep: palate critic's Adam eps")
     parser.add_argument("--minibatch", action="store_true",
                         help="with --lockstep: the preset's critic minibatches, shuffled alike on both sides")
+    parser.add_argument("--time-limit", type=int, default=None, metavar="N",
+                        help="with --lockstep: cut episodes at N steps, so truncation (bootstrapping) is exercised")
     args = parser.parse_args(argv)
     if args.lockstep:
         gaps = lockstep(args.env, args.seed, args.lockstep, args.max_kl, args.cg_damping, args.critic_eps,
-                        args.minibatch)
+                        args.minibatch, args.time_limit)
         for k, gap in enumerate(gaps):
             print(f"iteration {k}: actor max|gap| {gap['actor_max_abs_gap']:.2e}, "
                   f"critic max|gap| {gap['critic_max_abs_gap']:.2e}")

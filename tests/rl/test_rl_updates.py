@@ -145,3 +145,15 @@ def test_trpo_loop_tracks_sb3_contrib_in_lockstep():
     assert len(gaps) == 2
     for gap in gaps:
         assert gap["actor_max_abs_gap"] < 1e-4 and gap["critic_max_abs_gap"] < 1e-4
+
+
+def test_trpo_loop_tracks_sb3_contrib_in_lockstep_through_truncation():
+    """With a 30-step time limit, truncated episodes bootstrap with V(final observation) on both
+    sides, the final observation normalised with the same statistics (bench extra only)."""
+    pytest.importorskip("sb3_contrib")
+    from palate.bench.trpo_step import lockstep
+
+    gaps = lockstep("Hopper-v5", seed=0, iterations=2, max_kl=0.03, cg_damping=0.3, critic_eps=5e-6, minibatch=True,
+                    time_limit=30)
+    for gap in gaps:
+        assert gap["actor_max_abs_gap"] < 1e-5 and gap["critic_max_abs_gap"] < 1e-5
