@@ -1,7 +1,7 @@
 """Benchmark: palate SFT and reward model vs TRL's ``SFTTrainer`` and ``RewardTrainer``.
 
 Same model (SmolLM2-135M-Instruct, the shipped GGUF converted to float32), same data, same batch,
-one epoch each, every arm in its own process so peak RSS is its own:
+one epoch each by default (``--epochs``), every arm in its own process so peak RSS is its own:
 
 1. Data (palate, not timed against anything): ``sentiment`` prompts, K = 4 samples per prompt from
    the base model, ranked by the panel (one training labeller per training prompt; every labeller,
