@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from palate.lm.training import peak_gpu_mb, peak_rss_mb
 from palate.runs import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,18 +54,6 @@ SETTINGS = {
     "train_prompts": 128, "k": 4, "batch_size": 8, "max_length": 128,
     "sft_lr": 2e-5, "rm_lr": 3e-5, "seed": 0,
 }
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def _peak_gpu_mb() -> float | None:
-    import torch
-
-    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
 
 
 def _gpu() -> bool:
@@ -136,7 +125,7 @@ def arm_palate_sft(work: Path) -> dict[str, Any]:
                               mixed_precision="bf16" if _gpu() else "no", gradient_checkpointing=False))
     summary = json.loads((run / "summary.json").read_text())
     return {"train_seconds": summary["train_seconds"], "steps": summary["steps"], "tokens": summary.get("tokens"),
-            "final_loss": summary["final_train_loss"], "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _peak_gpu_mb()}
+            "final_loss": summary["final_train_loss"], "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb()}
 
 
 def arm_trl_sft(work: Path) -> dict[str, Any]:
@@ -161,7 +150,7 @@ def arm_trl_sft(work: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     logs = trainer.state.log_history
     return {"train_seconds": round(seconds, 2), "steps": out.global_step, "final_loss":
-            [h["loss"] for h in logs if "loss" in h][-1], "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _peak_gpu_mb(),
+            [h["loss"] for h in logs if "loss" in h][-1], "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(),
             "tokens": max((h.get("num_tokens", 0) for h in logs), default=None)}
 
 
@@ -178,7 +167,7 @@ def arm_palate_rm(work: Path) -> dict[str, Any]:
     return {"train_seconds": s["train_seconds"], "steps": s["steps"], "tokens": s.get("tokens"),
             "val_accuracy": s.get("rm/val_accuracy"),
             "held_out_accuracy": s.get("rm/held_out_accuracy"), "val_ece": s.get("rm/val_ece"),
-            "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _peak_gpu_mb()}
+            "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb()}
 
 
 def arm_trl_rm(work: Path) -> dict[str, Any]:
@@ -232,8 +221,8 @@ def arm_trl_rm(work: Path) -> dict[str, Any]:
     return {"train_seconds": round(seconds, 2), "steps": out.global_step, "tokens": tokens,
             "epoch_steps": epoch_steps, "budget_seconds": budget,
             "epoch_seconds_extrapolated": round(seconds / max(out.global_step, 1) * epoch_steps, 1),
-            "val_accuracy": val, "held_out_accuracy": held, "peak_rss_mb": _peak_rss_mb(),
-            "peak_gpu_mb": _peak_gpu_mb()}
+            "val_accuracy": val, "held_out_accuracy": held, "peak_rss_mb": peak_rss_mb(),
+            "peak_gpu_mb": peak_gpu_mb()}
 
 
 def _trl_pair_accuracy(model: Any, tok: Any, work: Path) -> tuple[float, float]:

@@ -326,11 +326,16 @@ class OnPolicyAlgorithm:
                 buffer.truncated[t] = truncated
                 ep_return += reward
                 ep_length += 1
+                raw_obs = next_raw
+                obs = self.obs_norm(raw_obs, update=True)
                 done = terminated | truncated
-                cut = None
                 if done.any():
-                    # Truncated, not terminated: the episode had a future, worth V(final observation).
+                    # Truncated, not terminated: the episode had a future, worth V(final observation),
+                    # normalised with the statistics that include this step's observations, as SB3's
+                    # VecNormalize does for its terminal observations.
                     cut = np.flatnonzero(truncated & ~terminated)
+                    if cut.size:
+                        finals.append((t, cut, self.obs_norm(np.stack([info["final_obs"][i] for i in cut]))))
                     for i in np.flatnonzero(done):
                         self._finished_returns.append(float(ep_return[i]))
                         self._finished_lengths.append(int(ep_length[i]))
@@ -338,12 +343,6 @@ class OnPolicyAlgorithm:
                     self.episodes += int(done.sum())
                     ep_return[done] = 0.0
                     ep_length[done] = 0
-                raw_obs = next_raw
-                obs = self.obs_norm(raw_obs, update=True)
-                if cut is not None and cut.size:
-                    # Normalised with the statistics that include this step's observations, as
-                    # SB3's VecNormalize does for its terminal observations.
-                    finals.append((t, cut, self.obs_norm(np.stack([info["final_obs"][i] for i in cut]))))
             flat_obs = buffer.obs.reshape(cfg.rollout_size, -1)
             rows = [flat_obs, obs] + [f[2] for f in finals]
             values = policy.value(torch.from_numpy(np.concatenate(rows))).numpy()
