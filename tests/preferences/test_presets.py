@@ -1,25 +1,28 @@
-"""The Hopper preference preset trains the same TRPO as the RL preset.
+"""Every shipped preference preset loads, and so does the RL config its ``rl`` block makes.
 
-The preference benchmark compares the label runs with "the same algorithm on the true reward"
-(``palate.bench.prefs.run_true_reward`` uses the preference preset's ``rl`` block), and the docs
-quote the RL preset's Hopper TRPO figures as that arm. This holds only while the two files agree;
-session 8 changed the RL preset alone and the two drifted apart unnoticed until session 9.
+A typo in a preset's ``rl`` block (an unknown field, a PPO field under TRPO) would otherwise
+surface only when the policy is built, after the random-policy labels were already collected.
 """
 
 from pathlib import Path
 
+import pytest
+
 from palate.config import config_from_dict, load_yaml
-from palate.rl.cli import preset_values
-from palate.rl.config import TRPOConfig
+from palate.preferences.loop import config_from_mapping
+from palate.rl.config import PPOConfig, TRPOConfig
 
-REPO = Path(__file__).resolve().parents[2]
+PRESETS = sorted((Path(__file__).resolve().parents[2] / "configs" / "prefs").glob("*.yaml"))
 
 
-def test_hopper_prefs_rl_block_is_the_rl_presets_trpo() -> None:
-    prefs = load_yaml(REPO / "configs/prefs/hopper.yaml")
-    rl = preset_values(load_yaml(REPO / "configs/rl/hopper.yaml"), "trpo")
-    assert prefs["algo"] == "trpo"
-    common = {"env": "Hopper-v5", "seed": 0, "total_steps": 1_000_000}
-    from_prefs = config_from_dict(TRPOConfig, {**prefs["rl"], **common})
-    from_rl = config_from_dict(TRPOConfig, {**rl, **common})
-    assert from_prefs == from_rl
+def test_the_presets_are_found() -> None:
+    assert {p.stem for p in PRESETS} >= {"hopper", "halfcheetah", "pendulum", "cartpole"}
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_preset_and_its_rl_block_load(path: Path) -> None:
+    cfg = config_from_mapping(load_yaml(path))
+    cls = TRPOConfig if cfg.algo == "trpo" else PPOConfig
+    rl = config_from_dict(cls, {"env": cfg.env, "seed": cfg.seed, **cfg.rl, "total_steps": cfg.steps})
+    assert rl.env == cfg.env
+    assert all(getattr(rl, k) == v for k, v in cfg.rl.items())
