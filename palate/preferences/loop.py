@@ -332,6 +332,29 @@ class _AsyncChannel:
 # --------------------------------------------------------------------------- the trainer
 
 
+def algo_classes(algo: str) -> tuple[Any, Any]:
+    """The policy optimiser class and its config class for ``algo`` ("ppo" or "trpo")."""
+    from palate import rl
+
+    if algo == "trpo":
+        if not hasattr(rl, "TRPO"):
+            raise PreferenceError("algo 'trpo' needs palate.rl.TRPO, which this install lacks; use --algo ppo")
+        return rl.TRPO, rl.TRPOConfig
+    return rl.PPO, rl.PPOConfig
+
+
+def policy_config(cfg: PreferenceConfig) -> Any:
+    """The PPO/TRPO config the run's policy trains with: ``cfg.rl`` over the run's env, seed and steps.
+
+    A module function, not only part of building the policy, so that a preset's ``rl`` block can be
+    checked without making environments (tests/preferences/test_presets.py).
+    """
+    _, config_cls = algo_classes(cfg.algo)
+    fields = {"env": cfg.env, "seed": cfg.seed, "torch_threads": cfg.torch_threads, **cfg.rl,
+              "total_steps": cfg.steps}
+    return config_from_dict(config_cls, fields, source="PreferenceConfig.rl")
+
+
 class PreferenceTrainer:
     """Owns the parts (pool, ensemble, selector, labeller, store) and runs the loop.
 
@@ -399,22 +422,10 @@ class PreferenceTrainer:
         client = FeedbackClient(cfg.feedback_url, token)
         return HumanLabeller(client, SegmentRenderer(cfg.env, self.env_factory), project=cfg.feedback_project or cfg.name)
 
-    def _algo_classes(self) -> tuple[Any, Any]:
-        from palate import rl
-
-        if self.cfg.algo == "trpo":
-            if not hasattr(rl, "TRPO"):
-                raise PreferenceError("algo 'trpo' needs palate.rl.TRPO, which this install lacks; use --algo ppo")
-            return rl.TRPO, rl.TRPOConfig
-        return rl.PPO, rl.PPOConfig
-
     def _build_policy(self) -> Any:
-        cfg = self.cfg
-        algo_cls, config_cls = self._algo_classes()
-        fields = {"env": cfg.env, "seed": cfg.seed, "torch_threads": cfg.torch_threads, **cfg.rl,
-                  "total_steps": cfg.steps}
-        rl_cfg = config_from_dict(config_cls, fields, source="PreferenceConfig.rl")
-        return algo_cls(rl_cfg, reward_fn=self._policy_reward, rollout_callback=self.pool.add_rollout)
+        algo_cls, _ = algo_classes(self.cfg.algo)
+        return algo_cls(policy_config(self.cfg), reward_fn=self._policy_reward,
+                        rollout_callback=self.pool.add_rollout)
 
     def _policy_reward(self, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
         """What PPO/TRPO optimise: the normalised r_hat, plus ``reward_offset``."""
@@ -774,7 +785,7 @@ class PreferenceTrainer:
                      len(dropped))
 
         if state["policy"] is not None:
-            algo_cls, _ = self._algo_classes()
+            algo_cls, _ = algo_classes(self.cfg.algo)
             self.policy = algo_cls.from_state_dict(state["policy"], source=str(path), reward_fn=self._policy_reward,
                                                    rollout_callback=self.pool.add_rollout)
             self.policy.config.total_steps = self.cfg.steps

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from palate.config import config_from_dict, load_yaml
-from palate.preferences.loop import config_from_mapping
-from palate.rl.config import PPOConfig, TRPOConfig
+from palate.config import load_yaml
+from palate.preferences.loop import config_from_mapping, policy_config
 
 PRESETS = sorted((Path(__file__).resolve().parents[2] / "configs" / "prefs").glob("*.yaml"))
 
@@ -22,7 +21,6 @@ def test_the_presets_are_found() -> None:
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
 def test_preset_and_its_rl_block_load(path: Path) -> None:
     cfg = config_from_mapping(load_yaml(path))
-    cls = TRPOConfig if cfg.algo == "trpo" else PPOConfig
-    rl = config_from_dict(cls, {"env": cfg.env, "seed": cfg.seed, **cfg.rl, "total_steps": cfg.steps})
+    rl = policy_config(cfg)
     assert rl.env == cfg.env
     assert all(getattr(rl, k) == v for k, v in cfg.rl.items())
