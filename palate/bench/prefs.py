@@ -14,8 +14,9 @@ Every return is the mean true return of the deterministic policy over ``eval_epi
 episodes of the unmodified environment. Results go to ``out_dir/prefs.json``, a Markdown table
 ``out_dir/prefs.md`` and a plot ``out_dir/prefs_return_vs_labels.png``.
 
-The full benchmark (1M steps x 2 envs x 3 seeds x 5 runs) takes days on two CPU cores; ``steps``,
-``envs``, ``seeds`` and ``label_counts`` scale it down, and the report says what ran.
+The full benchmark (1M steps x 2 envs x 3 seeds x 5 runs) takes many hours on a CPU: palate's rows
+took 6-26 minutes each on one core, imitation's 48-109 (docs/benchmarks.md); ``steps``, ``envs``,
+``seeds`` and ``label_counts`` scale it down, and the report says what ran.
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ def run_true_reward(env: str, steps: int, seed: int, algo: str | None, eval_epis
     model = cls(cfg).learn(total_steps=steps, progress=False)
     wall = time.perf_counter() - start
     result = evaluate(model, env_id=env, episodes=eval_episodes, seed=seed + 10_000)
-    return {"method": "true reward", "algo": algo_name, "env": env, "seed": seed, "labels": 0, "steps": steps,
+    # The steps it ran (whole rollouts: up to one rollout past ``steps``), as the palate rows report.
+    return {"method": "true reward", "algo": algo_name, "env": env, "seed": seed, "labels": 0,
+            "steps": int(model.global_step),
             "eval_true_return_mean": result.mean_return, "eval_true_returns": result.returns, "wall_time_s": wall}
 
 

@@ -31,3 +31,14 @@ def test_unreadable_or_foreign_file_names_the_file(tmp_path):
     other.write_text(json.dumps({"loss": 1.0}))
     with pytest.raises(ValueError, match="other.json.*'env' and 'method'"):
         load_rows([other])
+
+
+def test_true_reward_row_reports_the_steps_it_ran():
+    from palate.bench.prefs import run_true_reward
+    from palate.rl import PPOConfig
+
+    row = run_true_reward("CartPole-v1", 300, 0, "ppo", 1)
+    rollout = PPOConfig().n_envs * PPOConfig().n_steps
+    # Whole rollouts: the first one already passes 300 steps.
+    assert row["steps"] == rollout >= 300, row
+    assert row["method"] == "true reward" and len(row["eval_true_returns"]) == 1
