@@ -102,7 +102,8 @@ class PreferenceConfig:
         10.0, "fixed-length MuJoCo episodes: reward subtracted per step spent fallen (replaces termination)")
     reward_offset: float = doc_field(
         0.0, "added to the normalised r_hat the policy optimises; > 0 makes staying alive worth something when "
-        "episodes can end early (zero-mean rewards make ending an episode free)")
+        "episodes can end early (zero-mean rewards make ending an episode free); "
+        "python -m palate.bench.prefs_offset RUN says what it is worth in true-reward units")
     rm_hidden_sizes: list[int] = doc_field([64, 64], "hidden widths of each reward predictor")
     rm_dropout: float = doc_field(0.2, "dropout in the reward predictors")
     rm_lr: float = doc_field(1e-3, "reward-model Adam step size")
