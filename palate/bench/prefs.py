@@ -14,9 +14,9 @@ Every return is the mean true return of the deterministic policy over ``eval_epi
 episodes of the unmodified environment. Results go to ``out_dir/prefs.json``, a Markdown table
 ``out_dir/prefs.md`` and a plot ``out_dir/prefs_return_vs_labels.png``.
 
-The full benchmark (1M steps x 2 envs x 3 seeds x 5 runs) takes many hours on a CPU: palate's rows
-preference rows took 6-26 minutes each on one core, imitation's 48-109 (docs/benchmarks.md); ``steps``, ``envs``,
-``seeds`` and ``label_counts`` scale it down, and the report says what ran.
+The full benchmark (1M steps x 2 envs x 3 seeds x 5 runs) takes many hours on a CPU: palate's
+preference rows took 6-26 minutes each on one core, imitation's 48-109 (docs/benchmarks.md);
+``steps``, ``envs``, ``seeds`` and ``label_counts`` scale it down, and the report says what ran.
 """
 
 from __future__ import annotations
