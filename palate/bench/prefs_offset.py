@@ -8,7 +8,7 @@ run's final policy on the unmodified environment, scores each step with the run'
 model, and fits ``r_hat + offset ~ a * (r + c)`` by least squares. ``c`` is the offset translated
 into true-reward units: what the policy gets per step alive beyond what the true reward gives.
 ``c < 0`` means the preference agent has less reason to stay up than an agent trained on the true
-reward. Hopper runs with the preset's offset 3 measured c between -1.4 and -0.2, which is why the
+reward. Hopper runs with the preset's offset 3 measured c between -1.4 and -0.1, which is why the
 preset now uses 5 (docs/benchmarks.md, "Preference learning for control", session 10).
 
 ``python -m palate.bench.prefs_offset runs/NAME [--steps 4000] [--seed 123]`` prints one line per
@@ -40,14 +40,15 @@ def offset_in_true_units(true_r: np.ndarray, policy_r: np.ndarray) -> dict[str, 
     if np.std(true_r) == 0:
         raise PreferenceError("the true reward is constant over the rollout; no scale to translate the offset into")
     a, b = np.polyfit(true_r, policy_r, 1)
+    policy_varies = np.std(policy_r) > 0
     return {
         "slope": float(a),
         "offset_true_units": float(b / a) if a != 0 else float("nan"),
-        "correlation": float(np.corrcoef(true_r, policy_r)[0, 1]) if np.std(policy_r) > 0 else float("nan"),
+        "correlation": float(np.corrcoef(true_r, policy_r)[0, 1]) if policy_varies else float("nan"),
         "true_mean": float(true_r.mean()), "true_std": float(true_r.std()),
         "true_mean_over_std": float(true_r.mean() / true_r.std()),
         "policy_mean": float(policy_r.mean()), "policy_std": float(policy_r.std()),
-        "policy_mean_over_std": float(policy_r.mean() / policy_r.std()) if np.std(policy_r) > 0 else float("nan"),
+        "policy_mean_over_std": float(policy_r.mean() / policy_r.std()) if policy_varies else float("nan"),
     }
 
 
@@ -55,8 +56,7 @@ def offset_report(run_dir: str | Path, steps: int = 4000, seed: int = 123) -> di
     """Roll out ``run_dir``'s final policy for ``steps`` steps per mode and translate its offset."""
     import gymnasium as gym
 
-    from palate.preferences.loop import algo_classes, config_from_mapping
-    from palate.preferences.reward_model import RewardEnsemble
+    from palate.preferences.loop import algo_classes, config_from_mapping, reward_model
     from palate.runs import read_run_config
 
     run_dir = Path(run_dir)
@@ -68,8 +68,7 @@ def offset_report(run_dir: str | Path, steps: int = 4000, seed: int = 123) -> di
     policy = algo_classes(cfg.algo)[0].load(policy_file)
     env = gym.make(cfg.env)
     try:
-        model = RewardEnsemble(env.observation_space, env.action_space, n_members=cfg.ensemble_size,
-                               hidden_sizes=cfg.rm_hidden_sizes, dropout=cfg.rm_dropout)
+        model = reward_model(cfg, env.observation_space, env.action_space)
         model.load(run_dir / "reward_model.pt")
         report: dict[str, Any] = {"run_dir": str(run_dir), "env": cfg.env, "reward_offset": cfg.reward_offset,
                                   "steps": steps, "seed": seed}

@@ -356,6 +356,21 @@ def policy_config(cfg: PreferenceConfig) -> Any:
     return config_from_dict(config_cls, fields, source="PreferenceConfig.rl")
 
 
+def reward_model(cfg: PreferenceConfig, observation_space: Any, action_space: Any) -> Any:
+    """The run's (untrained) r_hat ensemble, built from ``cfg``.
+
+    A module function so that whatever loads a finished run's ``reward_model.pt`` builds the same
+    architecture (palate.bench.prefs_offset).
+    """
+    from palate.preferences.reward_model import RewardEnsemble
+
+    return RewardEnsemble(
+        observation_space, action_space, n_members=cfg.ensemble_size,
+        hidden_sizes=cfg.rm_hidden_sizes, dropout=cfg.rm_dropout, lr=cfg.rm_lr,
+        batch_size=cfg.rm_batch_size, l2_coef=cfg.rm_l2_coef, error_rate=cfg.error_rate, seed=cfg.seed,
+    )
+
+
 class PreferenceTrainer:
     """Owns the parts (pool, ensemble, selector, labeller, store) and runs the loop.
 
@@ -367,7 +382,7 @@ class PreferenceTrainer:
                  run_dir: str | Path | None = None) -> None:
         import gymnasium as gym
 
-        from palate.preferences.reward_model import PreferenceDataset, RewardEnsemble
+        from palate.preferences.reward_model import PreferenceDataset
         from palate.preferences.segments import TrajectoryPool
         from palate.preferences.selection import make_selector
 
@@ -384,11 +399,7 @@ class PreferenceTrainer:
             raise PreferenceError(f"{cfg.env}: preference learning needs Box observations, got {self.observation_space}")
         self.rng = np.random.default_rng(cfg.seed)
         self.pool = TrajectoryPool(max_steps=cfg.pool_steps)
-        self.model = RewardEnsemble(
-            self.observation_space, self.action_space, n_members=cfg.ensemble_size,
-            hidden_sizes=cfg.rm_hidden_sizes, dropout=cfg.rm_dropout, lr=cfg.rm_lr,
-            batch_size=cfg.rm_batch_size, l2_coef=cfg.rm_l2_coef, error_rate=cfg.error_rate, seed=cfg.seed,
-        )
+        self.model = reward_model(cfg, self.observation_space, self.action_space)
         self.dataset = PreferenceDataset()
         self.selector = selector if selector is not None else make_selector(cfg.selector, cfg.oversample)
         self._labeller = labeller
