@@ -76,9 +76,14 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
         "label": _merged(LabelConfig, {"model": sft_model, "task": cfg.task, "split": "train",
                                        "out": str(root / "label" / "comparisons.jsonl"), "seed": cfg.seed + 1},
                          cfg.label, "pipeline label"),
+        "label_val": _merged(LabelConfig, {"model": sft_model, "task": cfg.task, "split": "validation",
+                                           "labellers": "all", "out": str(root / "label" / "val.jsonl"),
+                                           "seed": cfg.seed + 2}, cfg.label_val, "pipeline label_val")
+        if cfg.label_val else None,
         "rm": _merged(RMConfig, {"model": sft_model, "task": cfg.task, "seed": cfg.seed,
                                  "train_data": str(root / "label" / "comparisons.jsonl"), "runs_dir": str(root),
-                                 "run_name": "rm", "overwrite": True, "tensorboard": False},
+                                 "run_name": "rm", "overwrite": True, "tensorboard": False,
+                                 **({"val_data": str(root / "label" / "val.jsonl")} if cfg.label_val else {})},
                       cfg.rm, "pipeline rm"),
         "ppo": _merged(LMPPOConfig, ppo_defaults, cfg.ppo, "pipeline ppo"),
         "eval": _merged(EvalConfig, {"run": str(root / "ppo"), "reference": sft_model, "task": cfg.task,
@@ -123,6 +128,9 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         elif stage == "sft":
             train_sft(configs["sft"])
         elif stage == "label":
+            if configs["label_val"] is not None:
+                # Written before the training set: the label stage is done only when both exist.
+                label_comparisons(configs["label_val"])
             _data_stage(root, "label", label_comparisons, configs["label"])
         elif stage == "rm":
             train_reward_model(configs["rm"])

@@ -149,8 +149,12 @@ def write_report(root: str | Path, n_samples: int = 6) -> Path:
     }
     lines = [f"# palate pipeline report: {root.name}", ""]
     if pipeline:
-        lines += [f"Task `{pipeline.get('task')}`, base model `{pipeline.get('base_model')}`, PPO maximises "
-                  f"`{'the learned reward model' if pipeline.get('ppo_reward') == 'rm' else 'the task reward function'}`.", ""]
+        if pipeline.get("ppo_reward") == "rm":
+            what = "the reward model learned from the labellers' comparisons"
+        else:
+            what = ("the task's own scoring function: an **oracle-reward upper bound**, not a result of "
+                    "learning from preferences")
+        lines += [f"Task `{pipeline.get('task')}`, base model `{pipeline.get('base_model')}`, PPO maximises {what}.", ""]
     if evaluation:
         lines += [
             "## Headline",
@@ -161,6 +165,9 @@ def write_report(root: str | Path, n_samples: int = 6) -> Path:
             f"{_fmt(evaluation.get('win_rate'))} ± {_fmt(evaluation.get('win_rate_stderr'))} | 0.5 |",
             f"| task reward (mean) | {_fmt(evaluation.get('reward'))} | {_fmt(evaluation.get('reward_reference'))} |",
         ]
+        if rm.get("rm/held_out_accuracy") is not None:
+            lines.append(f"| reward model's accuracy on the held-out labeller's validation pairs | "
+                         f"{_fmt(rm['rm/held_out_accuracy'])} | |")
         if "rm_score" in evaluation:
             lines.append(f"| reward model score (mean) | {_fmt(evaluation['rm_score'])} | {_fmt(evaluation.get('rm_score_reference'))} |")
         lines += [

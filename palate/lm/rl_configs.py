@@ -154,6 +154,11 @@ class PipelineConfig:
     demos: dict[str, Any] = doc_field({}, "DemosConfig fields (best-of-N demonstrations for SFT)")
     sft: dict[str, Any] = doc_field({}, "SFTConfig fields")
     label: dict[str, Any] = doc_field({}, "LabelConfig fields (comparisons for the reward model)")
+    label_val: dict[str, Any] = doc_field(
+        {}, "LabelConfig fields of the RM's validation set, written by the label stage to label/val.jsonl "
+        "(e.g. {split: validation, labellers: all}: validation prompts ranked by every labeller, the held-out "
+        "one included, which is how rm/held_out_accuracy is measured); empty: no such set, the RM splits "
+        "its training comparisons")
     rm: dict[str, Any] = doc_field({}, "RMConfig fields")
     ppo: dict[str, Any] = doc_field({}, "LMPPOConfig fields")
     eval: dict[str, Any] = doc_field({}, "EvalConfig fields")

@@ -31,6 +31,7 @@ def test_tiny_pipeline_runs_every_stage_then_skips_them(tmp_path):
         "demos": {"limit": 4, "n": 2, **small},
         "sft": {"epochs": 1, "batch_size": 2, "max_length": 48, "eval_every": 100, "cpu": True},
         "label": {"limit": 4, "k": 3, **small},
+        "label_val": {"limit": 3, "k": 3, **small},
         "rm": {"epochs": 1, "batch_size": 2, "max_length": 48, "eval_every": 100, "cpu": True},
         "ppo": {"iterations": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 6,
                 "device": "cpu", "ptx_coef": 0.1, "ptx_batch_size": 2, "ptx_block_size": 32, "online_every": 1,
@@ -41,6 +42,12 @@ def test_tiny_pipeline_runs_every_stage_then_skips_them(tmp_path):
     root = run_pipeline(cfg)
     for stage in ("demos", "sft", "label", "rm", "ppo", "eval"):
         assert stage_done(root, stage), stage
+    # The RM's validation set is ranked by every labeller, so the held-out one's accuracy is measured.
+    val_labellers = {json.loads(line)["labeller"] for line in (root / "label" / "val.jsonl").read_text().splitlines()}
+    assert "held_out" in val_labellers
+    assert "rm/held_out_accuracy" in json.loads((root / "rm" / "summary.json").read_text())
+    train_lines = (root / "label" / "comparisons.jsonl").read_text().splitlines()
+    assert "held_out" not in {json.loads(line)["labeller"] for line in train_lines}
     ev = json.loads((root / "eval" / "summary.json").read_text())
     assert ev["n_comparisons"] == 3 and 0.0 <= ev["win_rate"] <= 1.0 and ev["judge"] == "held_out"
     assert "rm_score" in ev and ev["perplexity"] > 1.0
