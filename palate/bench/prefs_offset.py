@@ -9,7 +9,7 @@ model, and fits ``r_hat + offset ~ a * (r + c)`` by least squares. ``c`` is the 
 into true-reward units: what the policy gets per step alive beyond what the true reward gives.
 ``c < 0`` means the preference agent has less reason to stay up than an agent trained on the true
 reward. Hopper runs with the preset's offset 3 measured c between -1.4 and -0.1, which is why the
-preset now uses 5 (docs/benchmarks.md, "Preference learning for control", session 10).
+preset now uses 5 (docs/benchmarks.md, "Why the Hopper preset is set as it is").
 
 ``python -m palate.bench.prefs_offset runs/NAME [--steps 4000] [--seed 123]`` prints one line per
 mode (stochastic, deterministic) and writes ``offset_report.json`` into the run directory.
