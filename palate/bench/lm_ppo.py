@@ -44,6 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from palate.errors import ConfigError
 from palate.runs import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,6 +117,9 @@ def export_reward_model_for_trl(rm_dir: Path, out: Path) -> Path:
     if (out / "config.json").is_file():
         return out
     rm, tok = load_reward_model(rm_dir)
+    if rm.pool != "last" or rm.n_heads != 1:
+        raise ConfigError(f"{rm_dir}: TRL's sequence classifier reads one head at the last token; this reward "
+                          f"model mean-pools ({rm.pool}) over {rm.n_heads} head(s). Train it with features_layer: 0")
     config = AutoConfig.for_model(rm.backbone.config.model_type, **{
         k: v for k, v in rm.backbone.config.to_dict().items() if k not in ("model_type", "_name_or_path")})
     config.num_labels = 1

@@ -92,6 +92,15 @@ class RMConfig:
     lora_r: int = doc_field(16, "LoRA rank")
     lora_alpha: int = doc_field(32, "LoRA alpha")
     cache_dir: str = doc_field("", "where converted GGUF models are cached (default $PALATE_CACHE or ~/.cache/palate)")
+    features_layer: int = doc_field(
+        0, "0: fine-tune the whole model (last-token reading). L > 0: keep the model frozen, cut after block L, "
+        "and fit linear heads on the completion's mean hidden state (features computed once; seconds to fit)")
+    ensemble: int = doc_field(1, "with features_layer: linear heads, each fitted on a bootstrap resample")
+    conservative_k: float = doc_field(0.0, "with ensemble > 1: the reward is the heads' mean minus k times their std")
+    head_weight_decay: list[float] = doc_field(
+        [0.1, 0.3, 1.0, 3.0], "with features_layer: L2 strengths tried; the one with the best validation "
+        "accuracy of the training labellers wins (the held-out labeller's answers are never used to choose)")
+    head_steps: int = doc_field(400, "with features_layer: full-batch Adam steps per head fit")
     eval_every: int = doc_field(50, "evaluate on val_data every this many steps (and at the end)")
     log_every: int = doc_field(1, "log training metrics every this many steps")
     seed: int = doc_field(0, "seeds data order, head initialisation and the train/val split")
@@ -108,3 +117,12 @@ class RMConfig:
             raise ConfigError("rm: batch_size and gradient_accumulation_steps must be >= 1")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError("rm: val_fraction must be in [0, 1)")
+        if self.features_layer < 0 or self.ensemble < 1 or self.conservative_k < 0 or self.head_steps < 1:
+            raise ConfigError("rm: features_layer must be >= 0, ensemble >= 1, conservative_k >= 0, head_steps >= 1")
+        if self.features_layer and self.use_lora:
+            raise ConfigError("rm: features_layer keeps the backbone frozen, so use_lora has nothing to train; "
+                              "set one of them")
+        if self.features_layer and (not self.head_weight_decay or min(self.head_weight_decay) < 0):
+            raise ConfigError("rm: head_weight_decay needs at least one value >= 0")
+        if (self.ensemble > 1 or self.conservative_k) and not self.features_layer:
+            raise ConfigError("rm: ensemble and conservative_k need features_layer > 0 (heads on frozen features)")

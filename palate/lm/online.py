@@ -99,11 +99,21 @@ class OnlineCollector:
         self.k, self.n_prompts, self.rm_epochs = k, n_prompts, rm_epochs
         self.batch_size, self.chat, self.max_length = batch_size, chat, max_length
         self.rng = np.random.default_rng(seed)
+        self.rounds = 0
+        # A frozen-feature RM (palate.lm.reward_features) refits its heads on cached features; any
+        # other RM is fine-tuned with AdamW.
+        self.features = None
+        self.optimizer = None
+        if getattr(self.rm, "frozen_features", False):
+            from palate.lm.reward_features import FeatureCache
+
+            source = getattr(self.rm, "source_dir", None)
+            self.features = FeatureCache.load(source) if source is not None else FeatureCache()
+            return
         params = [p for p in self.rm.parameters() if p.requires_grad] or list(self.rm.parameters())
         for p in params:
             p.requires_grad_(True)
         self.optimizer = adamw(params, lr=learning_rate)
-        self.rounds = 0
 
     @classmethod
     def from_config(cls, cfg: Any, reward_model: torch.nn.Module, tokenizer, task: Any,
@@ -159,7 +169,17 @@ class OnlineCollector:
         return metrics
 
     def retrain(self) -> float:
-        """``rm_epochs`` passes of the ranking loss over all comparisons; returns the mean loss."""
+        """Retrain on all comparisons so far; returns the mean training loss.
+
+        A frozen-feature RM refits its heads (the new texts' features are computed once and
+        cached); otherwise ``rm_epochs`` passes of the ranking loss fine-tune the RM.
+        """
+        if self.features is not None:
+            from palate.lm.reward_features import refit
+
+            self.features.ensure(self.rm, self.tokenizer, [(c.prompt, y) for c in self.comparisons
+                                                           for y in c.completions])
+            return refit(self.rm, self.features, self.comparisons)["loss"]
         from palate.lm.reward import _comparison_tensors, collate_comparisons, comparison_loss
 
         items = _comparison_tensors(self.comparisons, self.tokenizer, self.chat, self.max_length)["items"]
@@ -194,16 +214,27 @@ class OnlineCollector:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs: the RM weights, its optimiser, the labels, the RNG."""
-        return {"rm": {k: v.detach().cpu().clone() for k, v in self.rm.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(), "rng": self.rng.bit_generator.state,
+        # A frozen-feature RM changes only its heads and normalisation: the backbone is not saved.
+        rm_state = {k: v.detach().cpu().clone() for k, v in self.rm.state_dict().items()
+                    if self.features is None or not k.startswith("backbone.")}
+        return {"rm": rm_state, "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+                "features": self.features.state() if self.features is not None else None,
+                "rng": self.rng.bit_generator.state,
                 "comparisons": [c.to_json() | {"_kind": c.kind, "_ranks": c.ranks} for c in self.comparisons],
                 "rounds": self.rounds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from palate.data.formats import Comparison
 
-        self.rm.load_state_dict(state["rm"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.features is not None:
+            from palate.lm.reward_features import FeatureCache
+
+            self.rm.load_state_dict(state["rm"], strict=False)
+            if state.get("features") is not None:
+                self.features = FeatureCache.from_state(state["features"])
+        else:
+            self.rm.load_state_dict(state["rm"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = state["rng"]
         self.rounds = int(state["rounds"])
         self.comparisons = []

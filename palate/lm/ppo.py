@@ -125,7 +125,13 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_reward_model(cls, reward_model: nn.Module) -> ValueModel:
-        """A copy of the RM whose head folds in its normalisation: V(x, y) == RM(x, y) at the end."""
+        """A copy of the RM whose head folds in its normalisation: V(x, y) == RM(x, y) at the end.
+
+        An ensemble's heads fold into their mean; a mean-pooled RM's head, read here at every
+        position, is a start that already knows what the labellers like, not V itself.
+        """
+        if callable(getattr(reward_model, "folded_head", None)):
+            return cls(copy.deepcopy(reward_model.backbone), reward_model.folded_head())
         head = copy.deepcopy(reward_model.head)
         gain, bias = fold_normalisation(reward_model)
         with torch.no_grad():

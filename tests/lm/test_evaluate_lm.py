@@ -10,13 +10,7 @@ from palate.lm.evaluate import distinct_n, evaluate_models, repeated_ngram_fract
 from palate.lm.pretrain_text import pack_tokens
 from palate.lm.testing import tiny_causal_lm
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class LongerIsBetter:

@@ -13,13 +13,7 @@ from palate.lm.reward import RewardModel
 from palate.lm.testing import tiny_causal_lm
 from palate.runs import seed_everything
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_pairwise_accuracy_skips_ties():

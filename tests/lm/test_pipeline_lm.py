@@ -3,19 +3,12 @@
 import json
 
 import pytest
-import torch
 
 from palate.config import config_from_dict
 from palate.lm.pipeline import PipelineConfig, run_pipeline, stage_done
 from palate.lm.testing import tiny_causal_lm
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.slow

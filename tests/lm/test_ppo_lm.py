@@ -11,14 +11,7 @@ from palate.lm.ppo import LMPPOConfig, LMPPOTrainer, ValueModel, _lora
 from palate.lm.testing import tiny_causal_lm
 from palate.runs import seed_everything
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster than 2 threads on busy shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PROMPTS = ["The movie was", "I did not like the food, it was cold", "Write a short poem", "List three colours"]
