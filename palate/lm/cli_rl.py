@@ -1,4 +1,4 @@
-"""``palate lm ppo | pipeline | eval``: the RL half of the language-model commands.
+"""``palate lm ppo | pipeline | eval | bon``: the RL half of the language-model commands.
 
 Registered by :func:`palate.lm.cli.add_parser` on the same ``lm`` sub-parser. Config classes come
 from :mod:`palate.lm.rl_configs` (no torch import), so ``palate --help`` stays instant; the
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from palate.config import add_config_arguments, config_from_args
-from palate.lm.rl_configs import EvalConfig, LMPPOConfig, PipelineConfig
+from palate.lm.rl_configs import BestOfNConfig, EvalConfig, LMPPOConfig, PipelineConfig
 
 
 def _run_ppo(args: argparse.Namespace) -> int:
@@ -56,8 +56,18 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bon(args: argparse.Namespace) -> int:
+    from palate.lm.best_of_n import best_of_n
+
+    summary = best_of_n(config_from_args(BestOfNConfig, args, args.config))
+    for c in summary["curve"]:
+        print(f"best-of-{int(c['n'])}: KL {c['kl']:.2f} nats, RM score {c['proxy']:.3f}, held-out utility "
+              f"{c['gold']:.3f}, expected win rate vs SFT {c['win_rate']:.3f}")
+    return 0
+
+
 def add_rl_parsers(lm_sub: Any) -> None:
-    """Add ``ppo``, ``pipeline`` and ``eval`` to the ``palate lm`` sub-parser."""
+    """Add ``ppo``, ``pipeline``, ``eval`` and ``bon`` to the ``palate lm`` sub-parser."""
     ppo = lm_sub.add_parser("ppo", help="PPO(-ptx) with a KL penalty on a language model",
                             description=LMPPOConfig.__doc__)
     ppo.add_argument("--config", help="YAML file of config fields (flags override it)")
@@ -78,5 +88,11 @@ def add_rl_parsers(lm_sub: Any) -> None:
     ev.add_argument("--config", help="YAML file of EvalConfig fields")
     add_config_arguments(ev, EvalConfig, skip=("run",))
     ev.set_defaults(func=_run_eval)
+
+    bon = lm_sub.add_parser("bon", help="best-of-N with the reward model: gold and proxy scores against KL",
+                            description=BestOfNConfig.__doc__)
+    bon.add_argument("--config", help="YAML file of BestOfNConfig fields")
+    add_config_arguments(bon, BestOfNConfig)
+    bon.set_defaults(func=_run_bon)
 
 

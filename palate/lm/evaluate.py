@@ -75,8 +75,9 @@ def _text_stats(texts: Sequence[str], lengths: torch.Tensor, ended: torch.Tensor
 
 
 @torch.no_grad()
-def _samples(model: torch.nn.Module, tokenizer, prompt_ids: Sequence[list[int]], max_new_tokens: int,
-             temperature: float, batch_size: int):
+def sample_batches(model: torch.nn.Module, tokenizer, prompt_ids: Sequence[list[int]], max_new_tokens: int,
+                   temperature: float, batch_size: int) -> tuple[list[Any], list[str]]:
+    """``(rollout batches, decoded completions)`` of one sample per prompt id list, ``batch_size`` at a time."""
     batches, texts = [], []
     for i in range(0, len(prompt_ids), batch_size):
         b = sample(model, tokenizer, prompt_ids[i:i + batch_size], max_new_tokens, temperature)
@@ -113,9 +114,9 @@ def evaluate_models(
     flat = [p for p in prompts for _ in range(samples_per_prompt)]
     ids = [encode_prompt(p) for p in flat]
     seed_everything(seed)
-    pol_batches, pol_texts = _samples(policy, tokenizer, ids, max_new_tokens, temperature, batch_size)
+    pol_batches, pol_texts = sample_batches(policy, tokenizer, ids, max_new_tokens, temperature, batch_size)
     seed_everything(seed + 1)
-    ref_batches, ref_texts = _samples(reference, tokenizer, ids, max_new_tokens, temperature, batch_size)
+    ref_batches, ref_texts = sample_batches(reference, tokenizer, ids, max_new_tokens, temperature, batch_size)
 
     kls = []
     for b in pol_batches:

@@ -1,4 +1,4 @@
-"""The InstructGPT pipeline end to end: demonstrations -> SFT -> comparisons -> RM -> PPO -> eval -> report.
+"""The InstructGPT pipeline end to end: demonstrations -> SFT -> comparisons -> RM -> PPO -> eval -> best-of-N -> report.
 
 Each stage writes its own run directory ``<runs_dir>/<name>/<stage>/`` and finishes by writing
 ``summary.json``; a stage whose ``summary.json`` exists is skipped, so an interrupted pipeline
@@ -49,6 +49,7 @@ def _data_stage(root: Path, stage: str, build: Any, cfg_obj: Any) -> Path:
 
 def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
     """Every stage's own config, linked by paths; built (and validated) before anything runs."""
+    from palate.lm.best_of_n import BestOfNConfig
     from palate.lm.demos import DemosConfig, LabelConfig
     from palate.lm.evaluate import EvalConfig
     from palate.lm.ppo import LMPPOConfig
@@ -91,6 +92,10 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
                                      "torch_threads": cfg.torch_threads,
                                      "reward_model": rm_model if uses_rm else None},
                         cfg.eval, "pipeline eval"),
+        "bon": _merged(BestOfNConfig, {"model": sft_model, "reward_model": rm_model, "task": cfg.task,
+                                       "out": str(root / "bon"), "seed": cfg.seed + 4321,
+                                       "torch_threads": cfg.torch_threads}, cfg.bon, "pipeline bon")
+        if uses_rm else None,
     }
 
 
@@ -100,6 +105,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
 
     import torch
 
+    from palate.lm.best_of_n import best_of_n
     from palate.lm.demos import build_demonstrations, label_comparisons
     from palate.lm.evaluate import evaluate
     from palate.lm.ppo import train_ppo
@@ -139,6 +145,11 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
             train_ppo(configs["ppo"], resume=resume, overwrite=not resume)
         elif stage == "eval":
             evaluate(configs["eval"])
+        elif stage == "bon":
+            if configs["bon"] is None:
+                log.info("pipeline %s: no reward model, so no best-of-N baseline", cfg.name)
+                continue
+            best_of_n(configs["bon"])
         elif stage == "report":
             write_report(root)
         timings[stage] = round(time.perf_counter() - t0, 1)

@@ -590,9 +590,11 @@ class LMPPOTrainer:
                 if logger:
                     logger.log(self.iteration, {"phase": "ppo", **metrics})
                     with open(samples_path, "a") as fh:
-                        for p, c, s in list(zip(ro.prompts, ro.completions, ro.scores.tolist()))[: cfg.log_samples]:
+                        # Each sample's KL to the reference: the report's reward-vs-KL picture.
+                        rows = zip(ro.prompts, ro.completions, ro.scores.tolist(), ro.kl.sum(1).tolist())
+                        for p, c, s, kl in list(rows)[: cfg.log_samples]:
                             fh.write(json.dumps({"iteration": self.iteration, "prompt": p, "completion": c,
-                                                 "score": s}) + "\n")
+                                                 "score": s, "kl": kl}) + "\n")
                 log.info("iter %d/%d reward %.3f kl %.2f beta %.4f clipfrac %.3f %.0f tok/s",
                          self.iteration, cfg.iterations, metrics["objective/reward"], metrics["objective/kl"],
                          metrics["objective/kl_coef"], metrics["ppo/clipfrac"], metrics["charts/tokens_per_s"])

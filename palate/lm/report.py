@@ -1,8 +1,9 @@
 """The pipeline report: ``report.md`` plus PNG plots, built only from what the stages wrote.
 
-Plots: reward and KL over PPO iterations, the reward-vs-KL frontier (Ziegler et al. figure 2's
-axes: what a policy gained for how far it moved from the reference), and the held-out
-labeller's verdicts. A table shows the same prompts answered before (SFT) and after (PPO).
+Plots: gold (held-out labeller) and proxy (reward model) scores against KL for best-of-N and
+PPO (Gao et al. 2022's overoptimisation picture), reward and KL over PPO iterations, the
+reward-vs-KL frontier (Ziegler et al. figure 2's axes: what a policy gained for how far it moved
+from the reference), and the held-out labeller's verdicts. A table shows the same prompts answered before (SFT) and after (PPO).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import json
 import logging
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from palate.lm.rl_configs import PIPELINE_STAGES
 from palate.runs import atomic_write_text
@@ -128,6 +131,67 @@ def plot_win_rate(samples: list[dict[str, Any]], out: Path) -> Path | None:
     return out
 
 
+def _ppo_points(ppo_samples: list[dict[str, Any]], judge: Any) -> list[dict[str, float]]:
+    """Per PPO iteration: mean KL, RM score and held-out utility of the logged rollout samples."""
+    by_iter: dict[int, list[dict[str, Any]]] = {}
+    for s in ppo_samples:
+        if "kl" in s:
+            by_iter.setdefault(int(s["iteration"]), []).append(s)
+    points = []
+    for it in sorted(by_iter):
+        rows = by_iter[it]
+        points.append({"iteration": it, "kl": float(np.mean([r["kl"] for r in rows])),
+                       "proxy": float(np.mean([r["score"] for r in rows])),
+                       "gold": float(np.mean([judge.score(r["prompt"], r["completion"]) for r in rows]))})
+    return points
+
+
+def expected_win_rate(samples: list[dict[str, Any]], judge: Any) -> float:
+    """The held-out labeller's *expected* win rate of the policy over SFT on the eval pairs: its choice
+    is its utility plus Gumbel noise, so ``P(win) = sigmoid(du / temperature)`` (identical texts tie).
+    The same estimator as best-of-N's, so the two compare without sampling noise."""
+    from palate.lm.best_of_n import expected_win_against_pool
+
+    wins = [expected_win_against_pool(np.array([judge.score(s["prompt"], s["policy"]),
+                                                judge.score(s["prompt"], s["reference"])]),
+                                      [s["policy"], s["reference"]], judge.temperature)[0] for s in samples]
+    return float(np.mean(wins)) if wins else float("nan")
+
+
+def plot_overoptimisation(bon: dict[str, Any], points: list[dict[str, float]], evaluation: dict[str, Any],
+                          out: Path) -> Path | None:
+    """Gold (held-out utility) and proxy (RM score) against KL to SFT: best-of-N and PPO (Gao et al. 2022)."""
+    curve = bon.get("curve") or []
+    if not curve and not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, ev_key, title in ((axes[0], "gold", "judge_score", "gold: held-out labeller's utility"),
+                                   (axes[1], "proxy", "rm_score", "proxy: reward model score")):
+        if curve:
+            ax.plot([c["kl"] for c in curve], [c[key] for c in curve], marker="o", ms=4, color="C0",
+                    label=f"best-of-N, N = 1..{int(curve[-1]['n'])} (test prompts)")
+            for c in curve:
+                ax.annotate(str(int(c["n"])), (c["kl"], c[key]), fontsize=7, xytext=(2, 3), textcoords="offset points")
+        if points:
+            ax.plot([p["kl"] for p in points], [p[key] for p in points], marker=".", ls=":", color="C1",
+                    label="PPO rollouts per iteration (train prompts)")
+        if evaluation.get(ev_key) is not None:
+            ax.scatter([evaluation["kl"]], [evaluation[ev_key]], marker="*", s=140, color="red", zorder=3,
+                       label="PPO policy (test prompts)")
+        ax.set_xlabel("KL to SFT, nats per completion")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def write_report(root: str | Path, n_samples: int = 6) -> Path:
     """Write ``<root>/report.md`` and its PNGs from the stage directories under ``root``."""
     from palate.lm.ppo import read_metrics
@@ -140,12 +204,20 @@ def write_report(root: str | Path, n_samples: int = 6) -> Path:
     timings = _json(root / "timings.json")
     sft, rm, ppo = _json(root / "sft" / "summary.json"), _json(root / "rm" / "summary.json"), _json(root / "ppo" / "summary.json")
     pipeline = _json(root / "pipeline.json")
+    bon = _json(root / "bon" / "summary.json")
+    judge = None
+    if pipeline.get("task"):
+        from palate.data.tasks import load_task
+
+        judge = load_task(pipeline["task"]).panel.held_out
+    points = _ppo_points(_jsonl(root / "ppo" / "samples.jsonl"), judge) if judge is not None else []
 
     plots = {
         "training": plot_training(metrics, root / "reward_kl.png"),
         "frontier": plot_frontier(metrics, evaluation, root / "frontier.png",
                                   "rm_score" if pipeline.get("ppo_reward") == "rm" and "rm_score" in evaluation else "reward"),
         "win_rate": plot_win_rate(samples, root / "win_rate.png"),
+        "overoptimisation": plot_overoptimisation(bon, points, evaluation, root / "overoptimisation.png"),
     }
     lines = [f"# palate pipeline report: {root.name}", ""]
     if pipeline:
@@ -179,6 +251,24 @@ def write_report(root: str | Path, n_samples: int = 6) -> Path:
             f"| repeated 3-grams | {_fmt(evaluation.get('policy/repetition_3gram'))} | {_fmt(evaluation.get('reference/repetition_3gram'))} |",
             "",
         ]
+    if bon.get("curve") or (evaluation and judge is not None):
+        lines += ["## PPO against best-of-N", "",
+                  "Win rates here are the held-out labeller's *expected* ones (its utility difference through "
+                  "its noise model), one estimator for both rows; the headline's is its sampled verdicts.", "",
+                  "| method | KL to SFT (nats) | expected win rate vs SFT | held-out utility | RM score |",
+                  "|---|---|---|---|---|"]
+        if evaluation and judge is not None:
+            lines.append(f"| PPO on the reward model | {_fmt(evaluation.get('kl'), 2)} | "
+                         f"{_fmt(expected_win_rate(samples, judge))} | {_fmt(evaluation.get('judge_score'))} | "
+                         f"{_fmt(evaluation.get('rm_score'))} |")
+        for c in bon.get("curve", [])[1:]:
+            lines.append(f"| best-of-{int(c['n'])} with the reward model | {_fmt(c['kl'], 2)} | {_fmt(c['win_rate'])} | "
+                         f"{_fmt(c['gold'])} | {_fmt(c['proxy'])} |")
+        if bon.get("curve") and evaluation.get("kl"):
+            n_match = float(np.exp(evaluation["kl"] + 1.0))
+            lines += ["", f"Best-of-N reaches PPO's KL of {_fmt(evaluation['kl'], 1)} nats only at N ≈ {n_match:,.0f} "
+                      "samples per prompt (KL = log N - (N - 1) / N)."]
+        lines.append("")
     lines += ["## Stages", "", "| stage | wall time (s) | notes |", "|---|---|---|"]
     notes = {
         "sft": f"{sft.get('train_examples')} demonstrations, val loss {_fmt(sft.get('sft/val_loss'))}" if sft else "",
@@ -197,7 +287,8 @@ def write_report(root: str | Path, n_samples: int = 6) -> Path:
         lines += [f"| {m['step']} | {m.get('online/labels')} | {_fmt(m.get('online/rm_accuracy'))} |" for m in online]
         lines.append("")
     lines += ["## Plots", ""]
-    for title, key in (("Reward and KL during PPO", "training"), ("Reward vs KL", "frontier"),
+    for title, key in (("Overoptimisation: gold and proxy scores against KL", "overoptimisation"),
+                       ("Reward and KL during PPO", "training"), ("Reward vs KL", "frontier"),
                        ("Held-out labeller verdicts", "win_rate")):
         if plots[key] is not None:
             lines += [f"### {title}", "", f"![{title}]({plots[key].name})", ""]

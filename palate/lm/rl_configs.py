@@ -1,4 +1,4 @@
-"""Config dataclasses of ``palate lm ppo``, ``eval`` and ``pipeline`` (torch-free: ``--help`` is instant).
+"""Config dataclasses of ``palate lm ppo``, ``eval``, ``bon`` and ``pipeline`` (torch-free: ``--help`` is instant).
 
 Each is re-exported where it is used (``palate.lm.ppo.LMPPOConfig``,
 ``palate.lm.evaluate.EvalConfig``, ``palate.lm.pipeline.PipelineConfig``).
@@ -131,7 +131,40 @@ class EvalConfig:
             raise ConfigError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
 
 
-PIPELINE_STAGES = ("demos", "sft", "label", "rm", "ppo", "eval", "report")
+@dataclasses.dataclass
+class BestOfNConfig:
+    """``palate lm bon``: best-of-N sampling with the reward model, the baseline PPO is measured against.
+
+    N completions per test prompt from the SFT model; the reward model picks one. For every
+    N = 1, 2, 4, ..., n the stage reports the reward model's score of the pick (the proxy), the
+    held-out labeller's utility of it (the gold score), the held-out labeller's expected win rate
+    against an SFT sample, and the KL of best-of-N to SFT, log N - (N - 1) / N (Gao et al. 2022).
+    """
+
+    model: str = doc_field("", "the SFT model that samples (a run dir, model dir or alias)")
+    reward_model: str = doc_field("", "reward model dir (palate lm rm run) that picks the best sample")
+    task: str = doc_field("sentiment", "task whose prompts and held-out labeller are used")
+    split: str = doc_field("test", "prompt split")
+    n_prompts: int = doc_field(0, "use the first this many prompts (0 = all)")
+    n: int = doc_field(16, "samples per prompt: the largest N (a power of 2); smaller N are estimated from them")
+    max_new_tokens: int | None = doc_field(None, "tokens per completion (default: the task's)")
+    temperature: float = doc_field(1.0, "sampling temperature")
+    batch_size: int = doc_field(32, "prompts x samples per generation batch")
+    out: str = doc_field("", "directory for summary.json and samples.jsonl")
+    device: str = doc_field("auto", "cpu, cuda or auto")
+    torch_threads: int = doc_field(0, "torch CPU threads (0 = torch's default)")
+    seed: int = doc_field(4321, "sampling seed")
+
+    def validate(self) -> None:
+        if self.n < 1 or self.n & (self.n - 1):
+            raise ConfigError(f"bon: n must be a power of 2 (1, 2, 4, ..., 64), got {self.n}")
+        if not self.model or not self.reward_model:
+            raise ConfigError("bon: set model (the SFT model) and reward_model (a palate lm rm run)")
+        if not self.out:
+            raise ConfigError("bon: set out, the directory the results are written to")
+
+
+PIPELINE_STAGES = ("demos", "sft", "label", "rm", "ppo", "eval", "bon", "report")
 
 
 @dataclasses.dataclass
@@ -162,6 +195,7 @@ class PipelineConfig:
     rm: dict[str, Any] = doc_field({}, "RMConfig fields")
     ppo: dict[str, Any] = doc_field({}, "LMPPOConfig fields")
     eval: dict[str, Any] = doc_field({}, "EvalConfig fields")
+    bon: dict[str, Any] = doc_field({}, "BestOfNConfig fields (the best-of-N baseline and the overoptimisation plot)")
 
     def validate(self) -> None:
         unknown = [s for s in self.stages if s not in PIPELINE_STAGES]

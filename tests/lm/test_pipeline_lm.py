@@ -31,9 +31,10 @@ def test_tiny_pipeline_runs_every_stage_then_skips_them(tmp_path):
                 "online_prompts": 2, "online_k": 3},
         "eval": {"n_prompts": 3, "samples_per_prompt": 1, "max_new_tokens": 6, "ptx_block_size": 32,
                  "max_ppl_blocks": 2, "device": "cpu"},
+        "bon": {"n_prompts": 2, "n": 4, "max_new_tokens": 6, "device": "cpu"},
     })
     root = run_pipeline(cfg)
-    for stage in ("demos", "sft", "label", "rm", "ppo", "eval"):
+    for stage in ("demos", "sft", "label", "rm", "ppo", "eval", "bon"):
         assert stage_done(root, stage), stage
     # The RM's validation set is ranked by every labeller, so the held-out one's accuracy is measured.
     val_labellers = {json.loads(line)["labeller"] for line in (root / "label" / "val.jsonl").read_text().splitlines()}
@@ -51,7 +52,10 @@ def test_tiny_pipeline_runs_every_stage_then_skips_them(tmp_path):
     assert all("ptx/loss" in m for m in metrics if m["phase"] == "ppo")
     report = (root / "report.md").read_text()
     assert "win rate vs SFT" in report and "## Samples" in report
-    for png in ("reward_kl.png", "frontier.png", "win_rate.png"):
+    bon = json.loads((root / "bon" / "summary.json").read_text())
+    assert [c["n"] for c in bon["curve"]] == [1, 2, 4] and bon["judge"] == "held_out"
+    assert "best-of-4 with the reward model" in report
+    for png in ("reward_kl.png", "frontier.png", "win_rate.png", "overoptimisation.png"):
         assert (root / png).stat().st_size > 1000
 
     # Everything done: a second run only rebuilds the report.
@@ -59,4 +63,4 @@ def test_tiny_pipeline_runs_every_stage_then_skips_them(tmp_path):
     run_pipeline(cfg)
     assert (root / "ppo" / "summary.json").stat().st_mtime == mtime
     timings = json.loads((root / "timings.json").read_text())
-    assert set(timings) >= {"demos", "sft", "label", "rm", "ppo", "eval", "report"}
+    assert set(timings) >= {"demos", "sft", "label", "rm", "ppo", "eval", "bon", "report"}
