@@ -178,8 +178,9 @@ def plot_overoptimisation(bon: dict[str, Any], points: list[dict[str, float]], e
             for c in curve:
                 ax.annotate(str(int(c["n"])), (c["kl"], c[key]), fontsize=7, xytext=(2, 3), textcoords="offset points")
         if points:
-            ax.plot([p["kl"] for p in points], [p[key] for p in points], marker=".", ls=":", color="C1",
-                    label="PPO rollouts per iteration (train prompts)")
+            ax.scatter([p["kl"] for p in points], [p[key] for p in points], c=[p["iteration"] for p in points],
+                       cmap="Oranges", vmin=-len(points) / 2, s=22, edgecolors="C1",
+                       label="PPO rollouts, one point per iteration (train prompts; darker = later)")
         if evaluation.get(ev_key) is not None:
             ax.scatter([evaluation["kl"]], [evaluation[ev_key]], marker="*", s=140, color="red", zorder=3,
                        label="PPO policy (test prompts)")
