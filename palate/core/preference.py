@@ -5,9 +5,14 @@
   labeller answers at random with probability epsilon.
 * Ziegler et al. 2019: best-of-K, a softmax over the K completions' rewards.
 * Ouyang et al. 2022: all C(K, 2) pairs of one ranking in one batch element, averaged.
+* Rafailov et al. 2023 (DPO): the same pair loss on the policy's implicit reward
+  r(x, y) = beta (log pi(y|x) - log pi_ref(y|x)), so the policy is fitted to the comparisons
+  directly, without a separate reward model or RL.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +58,51 @@ def bradley_terry_loss(
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     """-E[log sigma(r(x, y_w) - r(x, y_l))]: the plain pair loss."""
     return -F.logsigmoid(chosen - rejected).mean()
+
+
+class DPOLoss(NamedTuple):
+    """What :func:`dpo_loss` returns: the loss and the implicit rewards behind it."""
+
+    loss: torch.Tensor
+    """Mean over pairs of the (label-smoothed) Bradley-Terry loss on the implicit rewards."""
+    chosen_rewards: torch.Tensor
+    """``[P]`` beta (log pi(y_w|x) - log pi_ref(y_w|x)), detached."""
+    rejected_rewards: torch.Tensor
+    """``[P]`` beta (log pi(y_l|x) - log pi_ref(y_l|x)), detached."""
+    accuracy: torch.Tensor
+    """Fraction of pairs whose chosen completion has the higher implicit reward (ties count 1/2)."""
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> DPOLoss:
+    """Rafailov et al. 2023: -E[log sigma(beta ((log pi_w - log ref_w) - (log pi_l - log ref_l)))].
+
+    The Bradley-Terry loss of :func:`bradley_terry_loss` with the implicit rewards
+    r = beta (log pi - log pi_ref) in place of a reward model's. ``label_smoothing`` epsilon is
+    conservative DPO (cDPO, Mitchell 2023): each label is taken to be flipped with probability
+    epsilon, so the target is 1 - epsilon and the loss stops pushing once the margin is large.
+    At a zero margin (the policy equal to its reference) the loss is log 2 for any epsilon.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: ``[P]`` summed log-probabilities of the
+            completion tokens under the policy, for the preferred and the other completion.
+        ref_chosen_logps, ref_rejected_logps: ``[P]`` the same under the frozen reference.
+        beta: the KL-penalty coefficient beta of the objective DPO solves.
+        label_smoothing: epsilon in [0, 0.5).
+    """
+    chosen = beta * (policy_chosen_logps - ref_chosen_logps)
+    rejected = beta * (policy_rejected_logps - ref_rejected_logps)
+    target = torch.full_like(chosen, 1.0 - label_smoothing)
+    loss = bradley_terry_loss(chosen, rejected, target)
+    margin = (chosen - rejected).detach()
+    accuracy = ((margin > 0).to(margin.dtype) + 0.5 * (margin == 0).to(margin.dtype)).mean()
+    return DPOLoss(loss, chosen.detach(), rejected.detach(), accuracy)
 
 
 def best_of_k_loss(rewards: torch.Tensor, best: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

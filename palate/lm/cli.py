@@ -1,6 +1,6 @@
 """``palate lm ...``: language-model sub-commands.
 
-Part 1 (this file): ``sft``, ``rm``, ``demos``, ``label``. Part 2 (``ppo``, ``pipeline``, ``eval``)
+Part 1 (this file): ``sft``, ``rm``, ``dpo``, ``demos``, ``label``. Part 2 (``ppo``, ``pipeline``, ``eval``)
 lives in :mod:`palate.lm.cli_rl`, which registers itself on the same sub-parser when present.
 Each training command takes its config dataclass as flags and/or ``--config file.yaml``
 (precedence: defaults < YAML < flags). Heavy imports happen inside the handlers.
@@ -32,6 +32,14 @@ def _run_rm(args: argparse.Namespace) -> int:
 
     run_dir = train_reward_model(_config(RMConfig, args))
     print(f"reward model run written to {run_dir} (model: {run_dir / 'model'})")
+    return 0
+
+
+def _run_dpo(args: argparse.Namespace) -> int:
+    from palate.lm.dpo import DPOConfig, train_dpo
+
+    run_dir = train_dpo(_config(DPOConfig, args))
+    print(f"DPO run written to {run_dir} (policy: {run_dir / 'model'}; evaluate: palate lm eval {run_dir})")
     return 0
 
 
@@ -70,6 +78,8 @@ def add_parser(subparsers: Any) -> None:
     lm.set_defaults(func=lambda _args: (lm.print_help(), 2)[1])
     _add(lm_sub, "sft", "supervised fine-tuning on demonstrations", "palate.lm.configs.SFTConfig", _run_sft)
     _add(lm_sub, "rm", "train a reward model on comparisons", "palate.lm.configs.RMConfig", _run_rm)
+    _add(lm_sub, "dpo", "direct preference optimisation of a policy on comparisons (no reward model)",
+         "palate.lm.configs.DPOConfig", _run_dpo)
     _add(lm_sub, "demos", "build demonstrations by best-of-N sampling judged by the panel",
          "palate.lm.demos.DemosConfig", _run_demos)
     _add(lm_sub, "label", "sample K completions per prompt and have the panel rank them",

@@ -126,3 +126,71 @@ class RMConfig:
             raise ConfigError("rm: head_weight_decay needs at least one value >= 0")
         if (self.ensemble > 1 or self.conservative_k) and not self.features_layer:
             raise ConfigError("rm: ensemble and conservative_k need features_layer > 0 (heads on frozen features)")
+
+
+@dataclasses.dataclass
+class DPOConfig:
+    """Direct preference optimisation on comparisons: ``palate lm dpo --config configs/lm/dpo-sentiment.yaml``."""
+
+    model: str = doc_field("smollm2-135m-instruct", "policy to start from: an SFT run dir, a model dir, a .gguf file "
+                           "or the alias")
+    reference: str = doc_field("", "frozen reference pi_ref of the implicit reward (empty: model, the usual choice); "
+                               "config.yaml records the one used, where `palate lm eval` finds it")
+    train_data: str = doc_field("", "comparisons JSONL, as `palate lm rm` reads (rankings -> every strictly ordered "
+                                "pair, best-of-K -> best vs each, pairs; ties form no pair) or hf:<dataset>[:split]")
+    val_data: str = doc_field("", "held-out comparisons (may include the held-out labeller); empty: split train_data")
+    val_fraction: float = doc_field(0.1, "fraction of train_data held out when val_data is empty")
+    task: str = doc_field("", "built-in task whose chat setting and held-out labeller apply (sentiment|instruct)")
+    chat: bool | None = doc_field(None, "format prompts with the chat template (default: the task's, else false)")
+    held_out_labeller: str = doc_field("", "labeller name reported as dpo/held_out_accuracy (default: the task's)")
+    beta: float = doc_field(0.1, "beta: the implicit reward is beta * (log pi - log pi_ref), the KL coefficient "
+                            "of the objective DPO solves (smaller: the policy may move further)")
+    label_smoothing: float = doc_field(0.0, "cDPO epsilon in [0, 0.5): each label is taken as flipped with this "
+                                       "probability")
+    add_eos: bool = doc_field(True, "end each completion with EOS, as a finished generation does; false for "
+                              "completions cut at max_new_tokens, whose EOS the policy never produced")
+    trainable_layers: int = doc_field(0, "train only the last N transformer blocks and the final norm (0: all); "
+                                      "cheap on CPU")
+    cache_frozen_prefix: bool = doc_field(
+        True, "with trainable_layers: run the frozen lower blocks once per sequence, up front, not in every step")
+    epochs: float = doc_field(1.0, "passes over the training comparisons")
+    max_steps: int = doc_field(0, "stop after this many optimiser steps (0: use epochs)")
+    batch_size: int = doc_field(8, "comparisons (prompts) per optimiser step, across all processes; every "
+                                "strictly ordered pair of each is in the step")
+    gradient_accumulation_steps: int = doc_field(1, "micro-batches per optimiser step")
+    lr: float = doc_field(1e-5, "AdamW learning rate (peak, after warm-up)")
+    weight_decay: float = doc_field(0.0, "AdamW weight decay")
+    warmup_ratio: float = doc_field(0.1, "fraction of steps of linear warm-up, then cosine decay to lr/10")
+    max_grad_norm: float = doc_field(1.0, "gradient clipping norm (0: off)")
+    max_length: int = doc_field(256, "tokens of prompt + completion (prompt cut from the left)")
+    forward_batch_size: int = doc_field(16, "sequences per no-grad forward (reference log-probs, validation)")
+    dtype: str = doc_field("float32", "float32 on CPU; bfloat16 on GPUs")
+    mixed_precision: Literal["no", "bf16", "fp16"] = doc_field("no", "accelerate mixed precision")
+    cache_dir: str = doc_field("", "where converted GGUF models are cached (default $PALATE_CACHE or ~/.cache/palate)")
+    eval_every: int = doc_field(50, "evaluate on val_data every this many steps (and before the first and after "
+                                "the last)")
+    log_every: int = doc_field(1, "log training metrics every this many steps")
+    seed: int = doc_field(0, "seeds data order and the train/val split")
+    run_name: str = doc_field("dpo", "the run is written to <runs_dir>/<run_name>/")
+    runs_dir: str = doc_field("runs", "parent directory of runs")
+    overwrite: bool = doc_field(False, "replace an existing run of the same name")
+    cpu: bool = doc_field(False, "force CPU even when a GPU is present")
+    tensorboard: bool = doc_field(True, "mirror metrics to TensorBoard")
+
+    def validate(self) -> None:
+        if not self.train_data:
+            raise ConfigError("dpo: train_data is empty; give a comparisons JSONL (see `palate lm label`)")
+        if self.beta <= 0:
+            raise ConfigError(f"dpo: beta must be > 0 (0.1 is usual), got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo: label_smoothing must be in [0, 0.5) (0: plain DPO), got {self.label_smoothing}")
+        if self.batch_size < 1 or self.gradient_accumulation_steps < 1 or self.forward_batch_size < 1:
+            raise ConfigError("dpo: batch_size, gradient_accumulation_steps and forward_batch_size must be >= 1")
+        if self.trainable_layers < 0:
+            raise ConfigError(f"dpo: trainable_layers must be >= 0 (0: train every block), got {self.trainable_layers}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError("dpo: val_fraction must be in [0, 1)")
+        if self.max_length < 8:
+            raise ConfigError(f"dpo: max_length must be >= 8 tokens, got {self.max_length}")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError("dpo: set epochs > 0 or max_steps > 0")

@@ -6,6 +6,7 @@ import torch
 from palate.core.preference import (
     best_of_k_loss,
     bradley_terry_loss,
+    dpo_loss,
     pairwise_loss,
     preference_probability,
     ranking_loss,
@@ -62,3 +63,45 @@ def test_best_of_k_hand_values():
     valid = torch.tensor([[1, 1, 0, 0]]).bool()
     loss = best_of_k_loss(rewards, torch.tensor([0]), valid)
     assert math.isclose(loss.item(), -math.log(math.exp(1) / (math.exp(1) + math.exp(2))), rel_tol=1e-6)
+
+
+def test_dpo_loss_hand_values():
+    # Pair 1: policy moved +1 on the chosen, -0.5 on the rejected -> margin 1.5 nats, x beta 0.5.
+    # Pair 2: the wrong way round by 2 nats.
+    pw, pl = torch.tensor([-9.0, -4.0]), torch.tensor([-10.5, -5.0])
+    rw, rl = torch.tensor([-10.0, -3.0]), torch.tensor([-10.0, -6.0])
+    out = dpo_loss(pw, pl, rw, rl, beta=0.5)
+    z = [0.5 * 1.5, 0.5 * -2.0]
+    expected = sum(math.log1p(math.exp(-x)) for x in z) / 2
+    assert math.isclose(out.loss.item(), expected, rel_tol=1e-6)
+    torch.testing.assert_close(out.chosen_rewards, torch.tensor([0.5, -0.5]))
+    torch.testing.assert_close(out.rejected_rewards, torch.tensor([-0.25, 0.5]))
+    assert out.accuracy.item() == 0.5
+    # cDPO: -(1 - eps) log sigma(z) - eps log sigma(-z).
+    eps = 0.1
+    smoothed = dpo_loss(pw, pl, rw, rl, beta=0.5, label_smoothing=eps)
+    expected = sum((1 - eps) * math.log1p(math.exp(-x)) + eps * math.log1p(math.exp(x)) for x in z) / 2
+    assert math.isclose(smoothed.loss.item(), expected, rel_tol=1e-6)
+
+
+def test_dpo_loss_is_log_2_at_zero_margin():
+    torch.manual_seed(0)
+    logp = torch.randn(5) * 10
+    other = torch.randn(5) * 10
+    for eps in (0.0, 0.2):
+        # The policy equal to its reference: every implicit reward is 0.
+        out = dpo_loss(logp, other, logp, other, beta=0.3, label_smoothing=eps)
+        assert math.isclose(out.loss.item(), math.log(2), rel_tol=1e-6)
+        assert out.accuracy.item() == 0.5  # ties count one half
+    # A non-zero reward difference that cancels in the margin: still log 2.
+    out = dpo_loss(logp + 1.0, other + 1.0, logp, other, beta=2.0)
+    assert math.isclose(out.loss.item(), math.log(2), rel_tol=1e-6)
+
+
+def test_dpo_loss_gradient_raises_the_chosen_and_lowers_the_rejected():
+    pw = torch.tensor([-3.0], requires_grad=True)
+    pl = torch.tensor([-3.0], requires_grad=True)
+    dpo_loss(pw, pl, torch.tensor([-3.0]), torch.tensor([-3.0]), beta=0.1).loss.backward()
+    # d/dz of -log sigma(z) at z = 0 is -1/2; z = beta (pw - pl).
+    assert math.isclose(pw.grad.item(), -0.05, rel_tol=1e-6)
+    assert math.isclose(pl.grad.item(), 0.05, rel_tol=1e-6)
