@@ -117,9 +117,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     name = args.run_name or f"{cfg.env}__{algo}__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(args.runs_dir) / name
     if args.overwrite:
-        for stale in ("checkpoint.pt", "summary.json", "eval.json"):
+        for stale in ("checkpoint.pt", "summary.json", "eval.json", "evaluations.jsonl"):
             (run_dir / stale).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "tb", ignore_errors=True)
+        for stale in ("tb", "best"):
+            shutil.rmtree(run_dir / stale, ignore_errors=True)
     prepare_run_dir(run_dir, {"algo": algo, **config_to_dict(cfg)}, overwrite=args.overwrite)
     log.info("training %s on %s for %d steps -> %s", algo, cfg.env, cfg.total_steps, run_dir)
     model = _classes()[algo](cfg)

@@ -40,13 +40,17 @@ class OnPolicyConfig:
     torch_threads: int = doc_field(1, "torch intra-op threads (1 is fastest for small MLPs; 0 leaves torch's)")
     log_interval: int = doc_field(1, "log metrics every this many rollouts")
     checkpoint_every: int = doc_field(50_000, "write checkpoint.pt every this many env steps (and at the end)")
+    eval_every: int = doc_field(
+        0, "evaluate the deterministic policy on a separate env every this many env steps; the best is "
+           "saved to best/checkpoint.pt, each evaluation to evaluations.jsonl (0: off)")
+    eval_episodes: int = doc_field(5, "episodes per periodic evaluation (eval_every)")
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value."""
-        positive = ["total_steps", "n_envs", "n_steps", "log_interval"]
+        positive = ["total_steps", "n_envs", "n_steps", "log_interval", "eval_episodes"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config field '{name}' must be > 0, got {getattr(self, name)}")
@@ -55,8 +59,9 @@ class OnPolicyConfig:
                 raise ConfigError(f"config field '{name}' must be in [0, 1], got {getattr(self, name)}")
         if not self.hidden_sizes or any(h <= 0 for h in self.hidden_sizes):
             raise ConfigError(f"config field 'hidden_sizes' must be positive widths, got {self.hidden_sizes}")
-        if self.checkpoint_every < 0 or self.torch_threads < 0:
-            raise ConfigError("config fields 'checkpoint_every' and 'torch_threads' must be >= 0")
+        for name in ["checkpoint_every", "eval_every", "torch_threads"]:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"config field '{name}' must be >= 0, got {getattr(self, name)}")
         if self.n_envs * self.n_steps < 2:
             raise ConfigError("n_envs * n_steps must be at least 2 (one rollout is the batch)")
 
