@@ -113,7 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from palate.rl.envs import check_env_id
 
     algo, cfg = build_config(args)
-    check_env_id(cfg.env)  # before a run directory exists
+    check_env_id(cfg.env, cfg.env_module)  # before a run directory exists
     name = args.run_name or f"{cfg.env}__{algo}__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(args.runs_dir) / name
     if args.overwrite:

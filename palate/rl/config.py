@@ -19,7 +19,12 @@ from palate.errors import ConfigError
 class OnPolicyConfig:
     """Fields shared by PPO and TRPO: environment, rollout, normalisation, network, bookkeeping."""
 
-    env: str = doc_field("CartPole-v1", "gymnasium environment id")
+    env: str = doc_field(
+        "CartPole-v1", "gymnasium environment id, or module:attr for your own env class or factory "
+                       "(e.g. mypkg.envs:MyEnv)")
+    env_module: str | None = doc_field(
+        None, "module(s) to import before making the env, e.g. one whose gymnasium.register calls "
+              "define the --env id (comma-separated; saved with the run, so eval and resume import it too)")
     total_steps: int = doc_field(100_000, "environment steps to train for; also the learning-rate annealing horizon")
     seed: int = doc_field(0, "seeds torch, the environments and action sampling; same seed, same run")
     n_envs: int = doc_field(1, "N, environments stepped in parallel (actors)")

@@ -63,7 +63,8 @@ def evaluate(model: OnPolicyAlgorithm, env_id: EnvSource | None = None, episodes
         os.environ.setdefault("MUJOCO_GL", "egl" if os.environ.get("DISPLAY") is None else "glfw")
     owned = not isinstance(source, gym.Env)
     if isinstance(source, str):
-        env = make_env(source, render_mode="rgb_array" if video_path is not None else None)
+        env = make_env(source, render_mode="rgb_array" if video_path is not None else None,
+                       env_module=model.config.env_module)
     elif owned:
         env = source()
     else:

@@ -159,7 +159,7 @@ class OnPolicyAlgorithm:
         continuing = self._raw_obs is not None
         if continuing and isinstance(source, str) and self._env_snapshot is not None and cfg.vec_env == "sync":
             sub_envs = restore_envs(self._env_snapshot)
-        envs, owned = make_vec_env(source, cfg.n_envs, cfg.vec_env, sub_envs)
+        envs, owned = make_vec_env(source, cfg.n_envs, cfg.vec_env, sub_envs, env_module=cfg.env_module)
         try:
             self._check_spaces(envs)
         except Exception:
