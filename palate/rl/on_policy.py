@@ -30,6 +30,7 @@ from palate.rl.buffer import Batch, RewardFn, RolloutBuffer, RolloutCallback, ep
 from palate.rl.callbacks import Callback, CallbackLike, CallbackList, EvalCallback, as_callback
 from palate.rl.checkpoint import load_checkpoint, save_checkpoint
 from palate.rl.config import OnPolicyConfig
+from palate.rl.curves import try_write_curves
 from palate.rl.envs import EnvSource, env_name, make_vec_env, restore_envs, snapshot_envs
 from palate.rl.normalize import ObsNormalizer, RewardNormalizer
 from palate.rl.policies import ActorCritic, NumpyActor
@@ -274,6 +275,7 @@ class OnPolicyAlgorithm:
                 bar.update(cfg.rollout_size)
                 if next_checkpoint is not None and run_dir is not None and self.global_step >= next_checkpoint:
                     self.save(run_dir)
+                    try_write_curves(run_dir, self._curves_title())
                     next_checkpoint += cfg.checkpoint_every
             if callback is not None:
                 callback.on_training_end()
@@ -294,6 +296,7 @@ class OnPolicyAlgorithm:
         if run_dir is not None:
             self.save(run_dir)
             atomic_write_json(Path(run_dir) / "summary.json", self.summary(elapsed))
+            try_write_curves(run_dir, self._curves_title())
         log.info("%s %s: %d steps%s, %.0f steps/s, mean return of the last 100 episodes %s",
                  self.algo, cfg.env, self.global_step, " (stopped by a callback)" if stopped else "",
                  self.last_learn_sps, self._recent_return())
@@ -316,6 +319,9 @@ class OnPolicyAlgorithm:
     def record(self, key: str, value: float) -> None:
         """Add the scalar ``key`` to the next record of metrics.jsonl and TensorBoard (callbacks use this)."""
         self._pending_metrics[key] = float(value)
+
+    def _curves_title(self) -> str:
+        return f"{self.algo.upper()} on {self.config.env}, seed {self.config.seed}"
 
     def _snapshot(self, envs: gym.vector.VectorEnv, owned: bool) -> None:
         self._env_snapshot = snapshot_envs(envs) if owned else None
