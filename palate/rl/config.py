@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from palate.config import doc_field
+from palate.config import coerce_fields, doc_field
 from palate.errors import ConfigError
 
 
@@ -54,7 +54,8 @@ class OnPolicyConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ConfigError naming the first bad value."""
+        """Convert each field to its type, then raise ConfigError naming the first bad value."""
+        coerce_fields(self)
         positive = ["total_steps", "n_envs", "n_steps", "log_interval", "eval_episodes"]
         for name in positive:
             if getattr(self, name) <= 0:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from palate.config import config_from_dict, config_to_dict
+from palate.config import config_from_dict, config_to_dict, unknown_fields_message
 from palate.errors import CheckpointError, ConfigError, EnvError
 from palate.rl.buffer import Batch, RewardFn, RolloutBuffer, RolloutCallback, episode_stats
 from palate.rl.callbacks import Callback, CallbackLike, CallbackList, EvalCallback, as_callback
@@ -79,7 +79,8 @@ class OnPolicyAlgorithm:
         if overrides:
             unknown = sorted(set(overrides) - set(config_to_dict(config)))
             if unknown:
-                raise ConfigError(f"unknown {self.config_class.__name__} field(s) {unknown}")
+                raise ConfigError(f"{self.config_class.__name__}: "
+                                  f"{unknown_fields_message(unknown, set(config_to_dict(config)))}")
             config = config.replace(**overrides)
         self.config = config
         self.reward_fn = reward_fn
@@ -223,6 +224,9 @@ class OnPolicyAlgorithm:
             cfg.env = env_name(source)
         if total_steps is None:
             total_steps = max(cfg.total_steps - self.global_step, 0)
+        elif isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)) or total_steps < 0:
+            raise ConfigError(f"learn(total_steps={total_steps!r}): give a whole number of additional environment "
+                              "steps >= 0, or None to train on to config.total_steps")
         end = self.global_step + int(total_steps)
         if end > cfg.total_steps:
             cfg.total_steps = end
@@ -445,8 +449,8 @@ class OnPolicyAlgorithm:
         """
         if self.policy is None or self.obs_norm is None:
             raise CheckpointError("predict needs a trained or loaded model; call learn() or load() first")
-        obs = np.asarray(obs, np.float32)
-        single = obs.ndim == 1
+        obs = self._check_obs(obs)
+        single = obs.ndim == len(self.observation_space.shape)
         norm = self.obs_norm(obs[None] if single else obs)
         with torch.inference_mode():
             noise = None if deterministic else self.policy.noise(norm.shape[:1], generator or self.generator)
@@ -454,6 +458,23 @@ class OnPolicyAlgorithm:
         if not self.policy.discrete:
             action = np.clip(action, self.action_space.low, self.action_space.high)
         return action[0] if single else action
+
+    def _check_obs(self, obs: Any) -> np.ndarray:
+        """``obs`` as float32 of the model's observation shape (one or a batch), finite, or EnvError."""
+        shape = tuple(self.observation_space.shape)
+        try:
+            arr = np.asarray(obs, np.float32)
+        except (TypeError, ValueError) as err:
+            raise EnvError(f"predict: the observation is not an array of numbers ({err}); pass the env's "
+                           f"observation, shape {shape} or [batch, {', '.join(map(str, shape))}]") from err
+        if arr.shape != shape and arr.shape[1:] != shape:
+            raise EnvError(f"predict: observation of shape {arr.shape}, but the model takes {shape} or "
+                           f"[batch, {', '.join(map(str, shape))}] (it was trained on {self.config.env}); pass "
+                           "that env's observation, e.g. obs from env.reset() or env.step()")
+        if not np.isfinite(arr).all():
+            raise EnvError(f"predict: the observation holds NaN or inf ({arr.tolist() if arr.size <= 8 else 'see obs'});"
+                           " the policy's action would be meaningless; check the env or the code that built it")
+        return arr
 
     # ------------------------------------------------------------------ save / load
     def state_dict(self) -> dict[str, Any]:
