@@ -1,7 +1,8 @@
 """curves.png: episode return and length against environment steps, drawn from metrics.jsonl.
 
-The trainer redraws it beside metrics.jsonl and the TensorBoard events whenever it writes a
-checkpoint, so a run in progress or cut short has a picture of how far it got. Matplotlib's Agg
+The trainer draws it beside metrics.jsonl and the TensorBoard events at the end of every
+``learn`` and, at most every :data:`REDRAW_EVERY_S` seconds, when it writes a checkpoint, so a
+long run in progress or cut short has a picture of how far it got. Matplotlib's Agg
 canvas, not pyplot: no display, no global state, safe in any thread.
 """
 
@@ -16,6 +17,9 @@ from palate.runs import atomic_write
 log = logging.getLogger(__name__)
 
 FILENAME = "curves.png"
+
+#: Least wall time between two drawings at checkpoints (a drawing costs ~0.1 s).
+REDRAW_EVERY_S = 60.0
 
 
 def read_series(metrics_path: Path, keys: tuple[str, ...]) -> dict[str, tuple[list[int], list[float]]]:

@@ -26,11 +26,11 @@ from tqdm import tqdm
 
 from palate.config import config_from_dict, config_to_dict, unknown_fields_message
 from palate.errors import CheckpointError, ConfigError, EnvError
+from palate.rl import curves
 from palate.rl.buffer import Batch, RewardFn, RolloutBuffer, RolloutCallback, episode_stats
 from palate.rl.callbacks import Callback, CallbackLike, CallbackList, EvalCallback, as_callback
 from palate.rl.checkpoint import load_checkpoint, save_checkpoint
 from palate.rl.config import OnPolicyConfig
-from palate.rl.curves import try_write_curves
 from palate.rl.envs import EnvSource, env_name, make_vec_env, restore_envs, snapshot_envs
 from palate.rl.normalize import ObsNormalizer, RewardNormalizer
 from palate.rl.policies import ActorCritic, NumpyActor
@@ -247,6 +247,7 @@ class OnPolicyAlgorithm:
             buffer = RolloutBuffer(cfg.n_steps, cfg.n_envs, self.observation_space.shape,
                                    self.action_space.shape, self.policy.discrete)
             start_time, start_step = time.perf_counter(), self.global_step
+            last_drawn = start_time
             next_checkpoint = (self.global_step // cfg.checkpoint_every + 1) * cfg.checkpoint_every \
                 if cfg.checkpoint_every else None
             if callback is not None:
@@ -279,7 +280,11 @@ class OnPolicyAlgorithm:
                 bar.update(cfg.rollout_size)
                 if next_checkpoint is not None and run_dir is not None and self.global_step >= next_checkpoint:
                     self.save(run_dir)
-                    try_write_curves(run_dir, self._curves_title())
+                    # Redrawn at checkpoints now and then (the end of learn always draws): the
+                    # plot costs ~0.1 s, matplotlib's import ~0.5 s, too much for every checkpoint.
+                    if self.global_step < end and time.perf_counter() - last_drawn >= curves.REDRAW_EVERY_S:
+                        curves.try_write_curves(run_dir, self._curves_title())
+                        last_drawn = time.perf_counter()
                     next_checkpoint += cfg.checkpoint_every
             if callback is not None:
                 callback.on_training_end()
@@ -300,7 +305,7 @@ class OnPolicyAlgorithm:
         if run_dir is not None:
             self.save(run_dir)
             atomic_write_json(Path(run_dir) / "summary.json", self.summary(elapsed))
-            try_write_curves(run_dir, self._curves_title())
+            curves.try_write_curves(run_dir, self._curves_title())
         log.info("%s %s: %d steps%s, %.0f steps/s, mean return of the last 100 episodes %s",
                  self.algo, cfg.env, self.global_step, " (stopped by a callback)" if stopped else "",
                  self.last_learn_sps, self._recent_return())

@@ -28,10 +28,11 @@ def test_cli_run_draws_curves_beside_its_logs(tmp_path):
 def test_curves_redrawn_at_checkpoints_and_a_plot_error_never_stops_training(tmp_path, monkeypatch):
     drawn = []
     monkeypatch.setattr(curves_module, "write_curves", lambda run_dir, title="": drawn.append(title) or 1 / 0)
-    cfg = PPOConfig(env="CartPole-v1", n_envs=2, n_steps=64, batch_size=64, n_epochs=1, total_steps=512,
+    monkeypatch.setattr(curves_module, "REDRAW_EVERY_S", 0.0)
+    cfg = PPOConfig(env="CartPole-v1", n_envs=2, n_steps=64, batch_size=64, n_epochs=1, total_steps=768,
                     checkpoint_every=256)
     PPO(cfg).learn(run_dir=tmp_path, progress=False)
-    assert drawn == ["PPO on CartPole-v1, seed 0"] * 3  # two checkpoints and the end
+    assert drawn == ["PPO on CartPole-v1, seed 0"] * 3  # checkpoints at 256 and 512, then the end
     assert (tmp_path / "summary.json").exists()
 
 
