@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -88,13 +89,41 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def unknown_fields_message(unknown: list[str], names: set[str]) -> str:
+    """``unknown field(s) [...]`` with a "did you mean" for each near miss, and the valid names."""
+    hints = []
+    for name in unknown:
+        match = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.6)
+        if match:
+            hints.append(f"'{name}': did you mean '{match[0]}'?")
+    hint = f" ({'; '.join(hints)})" if hints else ""
+    return f"unknown field(s) {unknown}{hint}; valid fields: {sorted(names)}"
+
+
+def coerce_fields(cfg: Any) -> None:
+    """Convert each field of a config dataclass to its declared type in place (``"8"`` -> 8), or
+    raise ConfigError naming the field, its type and its default.
+
+    Config ``validate`` methods call this first, so a value of the wrong type (``learning_rate="abc"``,
+    ``n_envs=1.5``) is one clear error rather than a TypeError from a comparison."""
+    hints = _hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        try:
+            value = _coerce(f.name, hints[f.name], getattr(cfg, f.name))
+        except ConfigError as err:
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+            raise ConfigError(f"{err}; give e.g. {f.name}={default!r} (the default)") from None
+        object.__setattr__(cfg, f.name, value)
+
+
 def config_from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
-    """Build ``cls`` from a mapping, rejecting unknown keys with the list of valid ones."""
+    """Build ``cls`` from a mapping, rejecting unknown keys with "did you mean" and the valid ones."""
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{source}: unknown field(s) {unknown}; valid fields: {sorted(names)}")
+        raise ConfigError(f"{source}: {unknown_fields_message(unknown, names)}")
     values = {k: _coerce(k, hints[k], v) for k, v in data.items()}
     cfg = cls(**values)
     validate = getattr(cfg, "validate", None)

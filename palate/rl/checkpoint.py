@@ -32,10 +32,20 @@ FORMAT = "palate.rl/1"
 FILENAME = "checkpoint.pt"
 
 
+#: Where a preference-learning run (``palate prefs train``) keeps its policy's run directory.
+POLICY_SUBDIR = "policy"
+
+
 def checkpoint_path(path: str | Path) -> Path:
-    """Accept a run directory or a checkpoint file."""
+    """Accept a run directory or a checkpoint file; a run directory whose policy lives in
+    ``policy/`` (a preference-learning run) gives ``policy/checkpoint.pt``."""
     path = Path(path)
-    return path / FILENAME if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    nested = path / POLICY_SUBDIR / FILENAME
+    if not (path / FILENAME).exists() and nested.exists():
+        return nested
+    return path / FILENAME
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -49,6 +59,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`, with errors that name the file."""
     path = checkpoint_path(path)
     if not path.is_file():
+        if (path.parent / POLICY_SUBDIR).is_dir():
+            raise CheckpointError(f"no checkpoint at {path}: this looks like a preference-learning run, whose policy "
+                                  f"checkpoint is {path.parent / POLICY_SUBDIR / FILENAME}, not written yet (the "
+                                  "run stopped before its first policy chunk); resume it with `palate prefs resume`")
         raise CheckpointError(f"no checkpoint at {path}; train first (`palate rl train`) or pass runs/<name>")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -63,9 +63,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a trained run for N episodes")
-    ev.add_argument("run", help="run directory (runs/<name>) or checkpoint file")
+    ev.add_argument("run", help="run directory (runs/<name>; a preference run's policy/ is found) or checkpoint file")
     ev.add_argument("--episodes", type=int, default=10, help="episodes to run")
-    ev.add_argument("--stochastic", action="store_true", help="sample actions instead of taking the mode")
+    ev.add_argument("--stochastic", action="store_true",
+                    help="sample actions instead of taking the mode (writes eval-stochastic.json, not eval.json)")
     ev.add_argument("--video", action="store_true", help="film the first episode to <run>/videos/")
     ev.add_argument("--seed", type=int, default=10_000, help="episode i is reset with seed + i")
     ev.set_defaults(func=cmd_eval)
@@ -113,13 +114,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from palate.rl.envs import check_env_id
 
     algo, cfg = build_config(args)
-    check_env_id(cfg.env)  # before a run directory exists
+    check_env_id(cfg.env, cfg.env_module)  # before a run directory exists
     name = args.run_name or f"{cfg.env}__{algo}__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(args.runs_dir) / name
     if args.overwrite:
-        for stale in ("checkpoint.pt", "summary.json", "eval.json"):
+        for stale in ("checkpoint.pt", "summary.json", "eval.json", "eval-stochastic.json", "evaluations.jsonl"):
             (run_dir / stale).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "tb", ignore_errors=True)
+        for stale in ("tb", "best"):
+            shutil.rmtree(run_dir / stale, ignore_errors=True)
     prepare_run_dir(run_dir, {"algo": algo, **config_to_dict(cfg)}, overwrite=args.overwrite)
     log.info("training %s on %s for %d steps -> %s", algo, cfg.env, cfg.total_steps, run_dir)
     model = _classes()[algo](cfg)
@@ -165,10 +167,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(model, episodes=args.episodes, deterministic=not args.stochastic, seed=args.seed,
                       video_path=video)
     record = {**result.to_dict(), "global_step": model.global_step, "env": model.config.env}
-    atomic_write_json(run_dir / "eval.json", record)
+    # One file per mode: a stochastic evaluation never overwrites the deterministic one.
+    out = run_dir / ("eval-stochastic.json" if args.stochastic else "eval.json")
+    atomic_write_json(out, record)
     mode = "stochastic" if args.stochastic else "deterministic"
     print(f"{model.config.env} {algo} step {model.global_step}: {mode} return "
-          f"{result.mean_return:.1f} +- {result.std_return:.1f} over {args.episodes} episodes")
+          f"{result.mean_return:.1f} +- {result.std_return:.1f} over {args.episodes} episodes -> {out}")
     if video is not None:
         print(f"video: {video.parent}")
     return 0

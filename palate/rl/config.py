@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from palate.config import doc_field
+from palate.config import coerce_fields, doc_field
 from palate.errors import ConfigError
 
 
@@ -19,7 +19,12 @@ from palate.errors import ConfigError
 class OnPolicyConfig:
     """Fields shared by PPO and TRPO: environment, rollout, normalisation, network, bookkeeping."""
 
-    env: str = doc_field("CartPole-v1", "gymnasium environment id")
+    env: str = doc_field(
+        "CartPole-v1", "gymnasium environment id, or module:attr for your own env class or factory "
+                       "(e.g. mypkg.envs:MyEnv)")
+    env_module: str | None = doc_field(
+        None, "module(s) to import before making the env, e.g. one whose gymnasium.register calls "
+              "define the --env id (comma-separated; saved with the run, so eval and resume import it too)")
     total_steps: int = doc_field(100_000, "environment steps to train for; also the learning-rate annealing horizon")
     seed: int = doc_field(0, "seeds torch, the environments and action sampling; same seed, same run")
     n_envs: int = doc_field(1, "N, environments stepped in parallel (actors)")
@@ -40,13 +45,18 @@ class OnPolicyConfig:
     torch_threads: int = doc_field(1, "torch intra-op threads (1 is fastest for small MLPs; 0 leaves torch's)")
     log_interval: int = doc_field(1, "log metrics every this many rollouts")
     checkpoint_every: int = doc_field(50_000, "write checkpoint.pt every this many env steps (and at the end)")
+    eval_every: int = doc_field(
+        0, "evaluate the deterministic policy on a separate env every this many env steps; the best is "
+           "saved to best/checkpoint.pt, each evaluation to evaluations.jsonl (0: off)")
+    eval_episodes: int = doc_field(5, "episodes per periodic evaluation (eval_every)")
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ConfigError naming the first bad value."""
-        positive = ["total_steps", "n_envs", "n_steps", "log_interval"]
+        """Convert each field to its type, then raise ConfigError naming the first bad value."""
+        coerce_fields(self)
+        positive = ["total_steps", "n_envs", "n_steps", "log_interval", "eval_episodes"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config field '{name}' must be > 0, got {getattr(self, name)}")
@@ -55,8 +65,9 @@ class OnPolicyConfig:
                 raise ConfigError(f"config field '{name}' must be in [0, 1], got {getattr(self, name)}")
         if not self.hidden_sizes or any(h <= 0 for h in self.hidden_sizes):
             raise ConfigError(f"config field 'hidden_sizes' must be positive widths, got {self.hidden_sizes}")
-        if self.checkpoint_every < 0 or self.torch_threads < 0:
-            raise ConfigError("config fields 'checkpoint_every' and 'torch_threads' must be >= 0")
+        for name in ["checkpoint_every", "eval_every", "torch_threads"]:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"config field '{name}' must be >= 0, got {getattr(self, name)}")
         if self.n_envs * self.n_steps < 2:
             raise ConfigError("n_envs * n_steps must be at least 2 (one rollout is the batch)")
 

@@ -9,11 +9,19 @@ Snapshots let a run continue bit-for-bit after ``save``/``load`` or ``resume``: 
 environments (CartPole, Pendulum, ...) are pickled whole; MuJoCo environments, whose pickling
 rebuilds a fresh simulator, additionally carry their full integration state and RNG. Other
 environments restart their episodes on resume (see :func:`snapshot_envs`).
+
+A user's environment comes in two ways: ``"module:attr"`` names a class or a zero-argument
+factory to import (or, as in ``gymnasium.make``, ``"module:Env-v0"`` a registered id that the
+module registers), and ``env_module`` names a module to import first so that its
+``gymnasium.register`` calls run (the config's ``env_module`` field).
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib
+import inspect
 import logging
 import pickle
 from collections.abc import Callable
@@ -32,24 +40,100 @@ EnvSource = str | gym.Env | gym.vector.VectorEnv | Callable[[], gym.Env]
 SAME_STEP = gym.vector.AutoresetMode.SAME_STEP
 
 
-def check_env_id(env_id: str) -> None:
-    """Raise EnvError naming ``env_id`` and the closest registered ids when it is unknown."""
+def import_env_module(name: str) -> None:
+    """Import ``name`` (or several, comma-separated) so its ``gymnasium.register`` calls run."""
+    for module in (m.strip() for m in name.split(",")):
+        if module:
+            _import(module, f"--env-module {module}")
+
+
+def _import(module: str, what: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name and (module == err.name or module.startswith(err.name + ".")):
+            raise EnvError(f"{what}: no module named '{err.name}'; install the package that provides it or "
+                           f"run from the directory that holds it (or add that directory to PYTHONPATH)") from err
+        raise EnvError(f"{what}: importing '{module}' failed because it needs the missing module "
+                       f"'{err.name}'; install it") from err
+    except Exception as err:  # the user's module raised while being imported
+        raise EnvError(f"{what}: importing '{module}' raised {type(err).__name__}: {err}") from err
+
+
+def _resolve(env_id: str) -> Callable[..., gym.Env] | str:
+    """``"module:attr"`` -> the class or factory ``attr``, or the registered id ``attr`` (gymnasium's form)."""
+    module_name, _, attr = env_id.partition(":")
+    if not module_name or not attr:
+        raise EnvError(f"--env {env_id}: write a user env as module:attr, e.g. mypkg.envs:MyEnv")
+    module = _import(module_name, f"--env {env_id}")
+    target = getattr(module, attr, None)
+    if target is None:
+        if attr in gym.envs.registry:
+            return attr
+        public = [n for n in dir(module) if not n.startswith("_")]
+        matches = difflib.get_close_matches(attr, public, n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(f'{module_name}:{m}' for m in matches)}?" if matches else \
+            "name an env class or a zero-argument function that returns an env"
+        raise EnvError(f"--env {env_id}: module '{module_name}' has no attribute '{attr}' and registers no "
+                       f"env id '{attr}'; {hint}")
+    if not callable(target):
+        raise EnvError(f"--env {env_id}: {attr} is a {type(target).__name__}, not an env class or factory")
+    return target
+
+
+def _takes_render_mode(fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "render_mode" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def check_env_id(env_id: str, env_module: str | None = None) -> None:
+    """Raise EnvError naming ``env_id`` and the closest registered ids when it is unknown.
+
+    ``"module:attr"`` ids are imported and checked; ``env_module`` is imported first.
+    """
+    if env_module:
+        import_env_module(env_module)
+    if ":" in env_id:
+        _resolve(env_id)
+        return
     if env_id in gym.envs.registry:
         return
     matches = difflib.get_close_matches(env_id, list(gym.envs.registry.keys()), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(matches)}?" if matches else "; see gymnasium.envs.registry for the ids"
-    raise EnvError(f"unknown environment id '{env_id}'{hint}")
+    module_hint = "" if env_module else (
+        " (an env registered by your own module: add --env-module MODULE, or pass --env module:Class)")
+    raise EnvError(f"unknown environment id '{env_id}'{hint}{module_hint}")
 
 
-def make_env(env_id: str, render_mode: str | None = None) -> gym.Env:
-    """``gym.make`` with palate's errors."""
-    check_env_id(env_id)
+def make_env(env_id: str, render_mode: str | None = None, env_module: str | None = None) -> gym.Env:
+    """``gym.make`` with palate's errors; also ``"module:attr"`` user envs and an ``env_module`` to import."""
+    check_env_id(env_id, env_module)
+    target = _resolve(env_id) if ":" in env_id else env_id
+    if not isinstance(target, str):
+        kwargs = {} if render_mode is None else {"render_mode": render_mode}
+        if kwargs and not _takes_render_mode(target):
+            raise EnvError(f"{env_id} takes no render_mode argument, so it cannot be filmed; "
+                           "add render_mode=None to its signature and return frames from render()")
+        try:
+            env = target(**kwargs)
+        except Exception as err:
+            raise EnvError(f"--env {env_id}: calling {target.__name__ if hasattr(target, '__name__') else target}"
+                           f"() raised {type(err).__name__}: {err}") from err
+        if not isinstance(env, gym.Env):
+            raise EnvError(f"--env {env_id} returned a {type(env).__name__}, not a gymnasium.Env")
+        return env
     try:
-        return gym.make(env_id, render_mode=render_mode)
+        # render_mode only when asked for: an entry point without that argument still builds.
+        return gym.make(target) if render_mode is None else gym.make(target, render_mode=render_mode)
     except gym.error.Error as err:
         raise EnvError(f"cannot build environment '{env_id}': {err}") from err
     except ImportError as err:
         raise EnvError(f"environment '{env_id}' needs a missing package: {err}") from err
+    except TypeError as err:
+        raise EnvError(f"cannot build environment '{env_id}': {err}") from err
 
 
 def check_spaces(observation_space: gym.Space, action_space: gym.Space, name: str) -> None:
@@ -95,12 +179,14 @@ def make_vec_env(
     n_envs: int,
     vec_env: str = "sync",
     sub_envs: list[gym.Env] | None = None,
+    env_module: str | None = None,
 ) -> tuple[gym.vector.VectorEnv, bool]:
     """Build a SAME_STEP-autoreset vector env of ``n_envs`` copies of ``source``.
 
     Returns ``(envs, owned)``; ``owned`` is False for a vector env the caller passed in, which
     palate must then neither close nor snapshot. ``sub_envs`` (restored by
     :func:`restore_envs`) replace freshly made environments in a sync vector env.
+    ``env_module`` is imported first (in each subprocess too) for ids it registers.
     """
     if isinstance(source, gym.vector.VectorEnv):
         mode = source.metadata.get("autoreset_mode")
@@ -119,8 +205,8 @@ def make_vec_env(
         fns: list[Callable[[], gym.Env]] = [lambda: source]
         vec_env = "sync"  # an instance lives in this process
     elif isinstance(source, str):
-        check_env_id(source)
-        fns = [lambda: make_env(source) for _ in range(n_envs)]
+        check_env_id(source, env_module)
+        fns = [functools.partial(make_env, source, None, env_module) for _ in range(n_envs)]
     elif callable(source):
         fns = [source for _ in range(n_envs)]
     else:

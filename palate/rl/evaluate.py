@@ -14,9 +14,10 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 
 from palate.errors import EnvError
-from palate.rl.envs import make_env
+from palate.rl.envs import EnvSource, env_name, make_env
 from palate.rl.on_policy import OnPolicyAlgorithm
 
 log = logging.getLogger(__name__)
@@ -43,21 +44,32 @@ class EvalResult:
                 "mean_length": float(np.mean(self.lengths)), "episodes": len(self.returns)}
 
 
-def evaluate(model: OnPolicyAlgorithm, env_id: str | None = None, episodes: int = 10, deterministic: bool = True,
-             seed: int = 10_000, video_path: str | Path | None = None) -> EvalResult:
+def evaluate(model: OnPolicyAlgorithm, env_id: EnvSource | None = None, episodes: int = 10,
+             deterministic: bool = True, seed: int = 10_000, video_path: str | Path | None = None) -> EvalResult:
     """Run ``episodes`` episodes of ``model`` on ``env_id`` (default: the model's env).
 
-    Episode i is reset with ``seed + i``, so two evaluations of one model agree exactly in
-    deterministic mode. ``video_path`` (``.gif``, or ``.mp4`` when imageio-ffmpeg is installed)
-    films the first episode.
+    ``env_id`` is an env id, a gymnasium env (used as it is and left open) or a zero-argument
+    factory. Episode i is reset with ``seed + i``, and stochastic actions come from a generator
+    seeded with ``seed``, so two evaluations of one model agree exactly and an evaluation during
+    training leaves the training RNG alone. ``video_path`` (``.gif``, or ``.mp4`` when
+    imageio-ffmpeg is installed) films the first episode.
     """
-    if episodes <= 0:
-        raise EnvError(f"episodes must be > 0, got {episodes}")
-    env_id = env_id or model.config.env
+    if not isinstance(episodes, int) or episodes <= 0:
+        raise EnvError(f"episodes must be a whole number > 0, got {episodes!r}")
+    source = env_id if env_id is not None else model.config.env
+    name = env_name(source)
     if video_path is not None:
         # MuJoCo needs an off-screen GL backend on a machine without a display.
         os.environ.setdefault("MUJOCO_GL", "egl" if os.environ.get("DISPLAY") is None else "glfw")
-    env = make_env(env_id, render_mode="rgb_array" if video_path is not None else None)
+    owned = not isinstance(source, gym.Env)
+    if isinstance(source, str):
+        env = make_env(source, render_mode="rgb_array" if video_path is not None else None,
+                       env_module=model.config.env_module)
+    elif owned:
+        env = source()
+    else:
+        env = source
+    generator = None if deterministic else torch.Generator().manual_seed(seed)
     returns, lengths, frames = [], [], []
     try:
         for i in range(episodes):
@@ -65,15 +77,16 @@ def evaluate(model: OnPolicyAlgorithm, env_id: str | None = None, episodes: int 
             total, length, done = 0.0, 0, False
             while not done:
                 if video_path is not None and i == 0:
-                    frames.append(_render(env, env_id))
-                obs, reward, terminated, truncated, _ = env.step(model.predict(obs, deterministic))
+                    frames.append(_render(env, name))
+                obs, reward, terminated, truncated, _ = env.step(model.predict(obs, deterministic, generator=generator))
                 total += float(reward)
                 length += 1
                 done = terminated or truncated
             returns.append(total)
             lengths.append(length)
     finally:
-        env.close()
+        if owned:
+            env.close()
     if video_path is not None:
         write_video(frames, Path(video_path), fps=int(env.metadata.get("render_fps", 30)))
     return EvalResult(returns, lengths, deterministic)
@@ -81,9 +94,13 @@ def evaluate(model: OnPolicyAlgorithm, env_id: str | None = None, episodes: int 
 
 def _render(env: gym.Env, env_id: str) -> np.ndarray:
     try:
-        return env.render()
+        frame = env.render()
     except gym.error.DependencyNotInstalled as err:
         raise EnvError(f"cannot film {env_id}: {err}") from err
+    if not isinstance(frame, np.ndarray):
+        raise EnvError(f"cannot film {env_id}: render() returned {type(frame).__name__}, not an RGB array; "
+                       "the env must take render_mode='rgb_array'")
+    return frame
 
 
 def write_video(frames: list[np.ndarray], path: Path, fps: int = 30) -> Path:

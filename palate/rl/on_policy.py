@@ -24,9 +24,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from palate.config import config_from_dict, config_to_dict
+from palate.config import config_from_dict, config_to_dict, unknown_fields_message
 from palate.errors import CheckpointError, ConfigError, EnvError
+from palate.rl import curves
 from palate.rl.buffer import Batch, RewardFn, RolloutBuffer, RolloutCallback, episode_stats
+from palate.rl.callbacks import Callback, CallbackLike, CallbackList, EvalCallback, as_callback
 from palate.rl.checkpoint import load_checkpoint, save_checkpoint
 from palate.rl.config import OnPolicyConfig
 from palate.rl.envs import EnvSource, env_name, make_vec_env, restore_envs, snapshot_envs
@@ -77,7 +79,8 @@ class OnPolicyAlgorithm:
         if overrides:
             unknown = sorted(set(overrides) - set(config_to_dict(config)))
             if unknown:
-                raise ConfigError(f"unknown {self.config_class.__name__} field(s) {unknown}")
+                raise ConfigError(f"{self.config_class.__name__}: "
+                                  f"{unknown_fields_message(unknown, set(config_to_dict(config)))}")
             config = config.replace(**overrides)
         self.config = config
         self.reward_fn = reward_fn
@@ -103,6 +106,8 @@ class OnPolicyAlgorithm:
         self._finished_lengths: list[int] = []
         self._all_returns: list[float] = []  # the last 1000, for summaries
         self.episodes = 0
+        self._pending_metrics: dict[str, float] = {}  # from record(), logged with the next record
+        self._live_envs: tuple[gym.vector.VectorEnv, bool] | None = None  # while learn() runs
 
     # ------------------------------------------------------------------ subclass hooks
     def _build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -156,7 +161,7 @@ class OnPolicyAlgorithm:
         continuing = self._raw_obs is not None
         if continuing and isinstance(source, str) and self._env_snapshot is not None and cfg.vec_env == "sync":
             sub_envs = restore_envs(self._env_snapshot)
-        envs, owned = make_vec_env(source, cfg.n_envs, cfg.vec_env, sub_envs)
+        envs, owned = make_vec_env(source, cfg.n_envs, cfg.vec_env, sub_envs, env_module=cfg.env_module)
         try:
             self._check_spaces(envs)
         except Exception:
@@ -181,7 +186,7 @@ class OnPolicyAlgorithm:
 
     # ------------------------------------------------------------------ the loop
     def learn(self: Self, env: EnvSource | None = None, total_steps: int | None = None,
-              run_dir: str | Path | None = None, progress: bool = True, *,
+              run_dir: str | Path | None = None, progress: bool = True, *, callback: CallbackLike = None,
               reward_fn: RewardFn | None = None, rollout_callback: RolloutCallback | None = None) -> Self:
         """Train for ``total_steps`` more environment steps (default: up to ``config.total_steps``).
 
@@ -198,9 +203,14 @@ class OnPolicyAlgorithm:
             run_dir: where to write metrics.jsonl, TensorBoard events, checkpoint.pt and
                 summary.json; None writes nothing.
             progress: show a tqdm bar (only on a terminal).
+            callback: a :class:`~palate.rl.callbacks.Callback`, a list of them, or a function
+                ``f(locals, model)`` called after every vector step; ``False`` from ``on_step``
+                stops training. With ``config.eval_every`` an
+                :class:`~palate.rl.callbacks.EvalCallback` runs as well.
             reward_fn, rollout_callback: set the attributes of the same names (see the class).
         """
         cfg = self.config
+        callback = self._callbacks(callback, env)
         if reward_fn is not None:
             self.reward_fn = reward_fn
         if rollout_callback is not None:
@@ -214,6 +224,9 @@ class OnPolicyAlgorithm:
             cfg.env = env_name(source)
         if total_steps is None:
             total_steps = max(cfg.total_steps - self.global_step, 0)
+        elif isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)) or total_steps < 0:
+            raise ConfigError(f"learn(total_steps={total_steps!r}): give a whole number of additional environment "
+                              "steps >= 0, or None to train on to config.total_steps")
         end = self.global_step + int(total_steps)
         if end > cfg.total_steps:
             cfg.total_steps = end
@@ -221,28 +234,44 @@ class OnPolicyAlgorithm:
         if cfg.torch_threads > 0:
             torch.set_num_threads(cfg.torch_threads)
         logger, envs, owned, bar, completed = None, None, False, None, False
+        stopped = False
         try:
             if self._resume_blob is not None:
                 self._restore_resume_state()
             envs, owned = self._open_envs(source)
             self._env_object = None if owned else source
+            self._live_envs = (envs, owned)
             logger = MetricsLogger(run_dir) if run_dir is not None else None
             bar = tqdm(total=end, initial=self.global_step, unit="step", dynamic_ncols=True,
                        disable=not progress or not sys.stderr.isatty(), desc=f"{self.algo} {cfg.env}")
             buffer = RolloutBuffer(cfg.n_steps, cfg.n_envs, self.observation_space.shape,
                                    self.action_space.shape, self.policy.discrete)
             start_time, start_step = time.perf_counter(), self.global_step
+            last_drawn = start_time
             next_checkpoint = (self.global_step // cfg.checkpoint_every + 1) * cfg.checkpoint_every \
                 if cfg.checkpoint_every else None
+            if callback is not None:
+                callback.init_callback(self)
+                callback.on_training_start({"self": self, "envs": envs, "run_dir": run_dir,
+                                            "total_steps": end - self.global_step})
             while self.global_step < end:
                 progress_remaining = max(1.0 - self.global_step / cfg.total_steps, 0.0)
-                batch = self.collect_rollout(envs, buffer)
+                batch = self.collect_rollout(envs, buffer, callback)
+                if batch is None:  # a callback's on_step said stop: the partial rollout is dropped
+                    stopped = True
+                    log.info("training stopped by a callback at step %d", self.global_step)
+                    break
+                if callback is not None:
+                    callback.update_locals({"batch": batch})
+                    callback.on_rollout_end()
                 metrics = self.update(batch, progress_remaining)
                 self.iteration += 1
                 if self.iteration % cfg.log_interval == 0:
                     sps = (self.global_step - start_step) / (time.perf_counter() - start_time)
                     metrics.update(episode_stats(self._finished_returns, self._finished_lengths))
                     metrics["charts/SPS"] = sps
+                    metrics.update(self._pending_metrics)
+                    self._pending_metrics = {}
                     self._finished_returns, self._finished_lengths = [], []
                     if logger is not None:
                         logger.log(self.global_step, metrics)
@@ -250,11 +279,18 @@ class OnPolicyAlgorithm:
                         bar.set_postfix(ret=f"{metrics['charts/episodic_return']:.1f}", refresh=False)
                 bar.update(cfg.rollout_size)
                 if next_checkpoint is not None and run_dir is not None and self.global_step >= next_checkpoint:
-                    self._snapshot(envs, owned)
                     self.save(run_dir)
+                    # Redrawn at checkpoints now and then (the end of learn always draws): the
+                    # plot costs ~0.1 s, matplotlib's import ~0.5 s, too much for every checkpoint.
+                    if self.global_step < end and time.perf_counter() - last_drawn >= curves.REDRAW_EVERY_S:
+                        curves.try_write_curves(run_dir, self._curves_title())
+                        last_drawn = time.perf_counter()
                     next_checkpoint += cfg.checkpoint_every
+            if callback is not None:
+                callback.on_training_end()
             completed = True
         finally:
+            self._live_envs = None
             if bar is not None:
                 bar.close()
             if envs is not None and completed:
@@ -269,9 +305,32 @@ class OnPolicyAlgorithm:
         if run_dir is not None:
             self.save(run_dir)
             atomic_write_json(Path(run_dir) / "summary.json", self.summary(elapsed))
-        log.info("%s %s: %d steps, %.0f steps/s, mean return of the last 100 episodes %s",
-                 self.algo, cfg.env, self.global_step, self.last_learn_sps, self._recent_return())
+            curves.try_write_curves(run_dir, self._curves_title())
+        log.info("%s %s: %d steps%s, %.0f steps/s, mean return of the last 100 episodes %s",
+                 self.algo, cfg.env, self.global_step, " (stopped by a callback)" if stopped else "",
+                 self.last_learn_sps, self._recent_return())
         return self
+
+    def _callbacks(self, callback: CallbackLike, env: EnvSource | None) -> Callback | None:
+        """``learn``'s callback as one Callback, with the EvalCallback that ``eval_every`` asks for."""
+        callback = as_callback(callback)
+        cfg = self.config
+        if not cfg.eval_every:
+            return callback
+        eval_env = env if env is not None else cfg.env
+        if isinstance(eval_env, (gym.Env, gym.vector.VectorEnv)):
+            raise ConfigError("eval_every evaluates on a separate env, which cannot be made from the env instance "
+                              "passed to learn; pass an env id or a factory, or give "
+                              "callback=EvalCallback(eval_env=...) and eval_every=0")
+        evaluator = EvalCallback(eval_env, n_eval_episodes=cfg.eval_episodes, eval_freq=cfg.eval_every)
+        return evaluator if callback is None else CallbackList([evaluator, callback])
+
+    def record(self, key: str, value: float) -> None:
+        """Add the scalar ``key`` to the next record of metrics.jsonl and TensorBoard (callbacks use this)."""
+        self._pending_metrics[key] = float(value)
+
+    def _curves_title(self) -> str:
+        return f"{self.algo.upper()} on {self.config.env}, seed {self.config.seed}"
 
     def _snapshot(self, envs: gym.vector.VectorEnv, owned: bool) -> None:
         self._env_snapshot = snapshot_envs(envs) if owned else None
@@ -291,8 +350,12 @@ class OnPolicyAlgorithm:
         return out
 
     # ------------------------------------------------------------------ rollouts
-    def collect_rollout(self, envs: gym.vector.VectorEnv, buffer: RolloutBuffer) -> Batch:
+    def collect_rollout(self, envs: gym.vector.VectorEnv, buffer: RolloutBuffer,
+                        callback: Callback | None = None) -> Batch | None:
         """Run the policy for T steps in N envs and return the GAE'd batch.
+
+        With a ``callback``, its ``on_step`` runs after every vector step, with the model's
+        ``global_step`` and last observation up to date; None comes back when it asks to stop.
 
         The hot loop does only what acting needs: one actor forward per step under
         ``inference_mode``, NumPy writes into the preallocated buffer, no ``.item()``. The
@@ -306,6 +369,9 @@ class OnPolicyAlgorithm:
         obs, raw_obs = self._obs, self._raw_obs
         ep_return, ep_length = self._ep_return, self._ep_length
         finals: list[tuple[int, np.ndarray, np.ndarray]] = []  # (t, env indices, normalised final obs)
+        start_step = self.global_step
+        if callback is not None:
+            callback.on_rollout_start()  # before the noise is drawn: a checkpoint saved here resumes exactly
         # All sampling noise at once: one generator call per rollout instead of one per step.
         noise = policy.noise((cfg.n_steps, cfg.n_envs), self.generator).numpy()
         actor = NumpyActor(policy)  # acting on a few rows: NumPy's per-op cost is a fifth of torch's
@@ -343,6 +409,14 @@ class OnPolicyAlgorithm:
                     self.episodes += int(done.sum())
                     ep_return[done] = 0.0
                     ep_length[done] = 0
+                if callback is not None:  # the one test a step pays without a callback
+                    self._obs, self._raw_obs = obs, raw_obs
+                    self.global_step = start_step + (t + 1) * cfg.n_envs
+                    callback.update_locals({"t": t, "obs": buffer.raw_obs[t], "actions": env_action,
+                                            "new_obs": raw_obs, "rewards": reward, "terminated": terminated,
+                                            "truncated": truncated, "dones": done, "infos": info})
+                    if not callback.on_step():
+                        return None
             flat_obs = buffer.obs.reshape(cfg.rollout_size, -1)
             rows = [flat_obs, obs] + [f[2] for f in finals]
             values = policy.value(torch.from_numpy(np.concatenate(rows))).numpy()
@@ -353,7 +427,7 @@ class OnPolicyAlgorithm:
             buffer.bootstrap[t, cut] = values[offset:offset + len(cut)]
             offset += len(cut)
         self._obs, self._raw_obs = obs, raw_obs
-        self.global_step += cfg.rollout_size
+        self.global_step = start_step + cfg.rollout_size
         del self._all_returns[:-1000]
 
         rewards = buffer.true_rewards
@@ -371,20 +445,41 @@ class OnPolicyAlgorithm:
         return buffer.compute_batch(rewards, cfg.gamma, cfg.gae_lambda)
 
     # ------------------------------------------------------------------ inference
-    def predict(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
+    def predict(self, obs: np.ndarray, deterministic: bool = True, *,
+                generator: torch.Generator | None = None) -> np.ndarray:
         """Actions for raw observations ``[obs_dim]`` or ``[B, obs_dim]`` (normalised with the
-        saved statistics, frozen); Box actions come back clipped to the action space."""
+        saved statistics, frozen); Box actions come back clipped to the action space.
+
+        Stochastic actions draw from ``generator`` (default the model's own, which training uses).
+        """
         if self.policy is None or self.obs_norm is None:
             raise CheckpointError("predict needs a trained or loaded model; call learn() or load() first")
-        obs = np.asarray(obs, np.float32)
-        single = obs.ndim == 1
+        obs = self._check_obs(obs)
+        single = obs.ndim == len(self.observation_space.shape)
         norm = self.obs_norm(obs[None] if single else obs)
         with torch.inference_mode():
-            noise = None if deterministic else self.policy.noise(norm.shape[:1], self.generator)
+            noise = None if deterministic else self.policy.noise(norm.shape[:1], generator or self.generator)
             action = self.policy.act(torch.from_numpy(norm), noise)[0].numpy()
         if not self.policy.discrete:
             action = np.clip(action, self.action_space.low, self.action_space.high)
         return action[0] if single else action
+
+    def _check_obs(self, obs: Any) -> np.ndarray:
+        """``obs`` as float32 of the model's observation shape (one or a batch), finite, or EnvError."""
+        shape = tuple(self.observation_space.shape)
+        try:
+            arr = np.asarray(obs, np.float32)
+        except (TypeError, ValueError) as err:
+            raise EnvError(f"predict: the observation is not an array of numbers ({err}); pass the env's "
+                           f"observation, shape {shape} or [batch, {', '.join(map(str, shape))}]") from err
+        if arr.shape != shape and arr.shape[1:] != shape:
+            raise EnvError(f"predict: observation of shape {arr.shape}, but the model takes {shape} or "
+                           f"[batch, {', '.join(map(str, shape))}] (it was trained on {self.config.env}); pass "
+                           "that env's observation, e.g. obs from env.reset() or env.step()")
+        if not np.isfinite(arr).all():
+            raise EnvError(f"predict: the observation holds NaN or inf ({arr.tolist() if arr.size <= 8 else 'see obs'});"
+                           " the policy's action would be meaningless; check the env or the code that built it")
+        return arr
 
     # ------------------------------------------------------------------ save / load
     def state_dict(self) -> dict[str, Any]:
@@ -417,7 +512,12 @@ class OnPolicyAlgorithm:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write checkpoint.pt (``path`` is a run directory or a file name), atomically."""
+        """Write checkpoint.pt (``path`` is a run directory or a file name), atomically.
+
+        Called during ``learn`` (from a callback), it saves the environments where they stand.
+        """
+        if self._live_envs is not None:
+            self._snapshot(*self._live_envs)
         path = Path(path)
         if path.suffix == "":
             path.mkdir(parents=True, exist_ok=True)
