@@ -42,7 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from palate.feedback.storage import Store
+from palate.feedback.store import Store
 from palate.runs import atomic_write_text
 
 

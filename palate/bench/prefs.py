@@ -92,7 +92,8 @@ def run_true_reward(env: str, steps: int, seed: int, algo: str | None, eval_epis
 def run_palate(env: str, labels: int, steps: int, seed: int, algo: str | None, eval_episodes: int,
                runs_dir: Path) -> dict[str, Any]:
     """palate's preference loop with ``labels`` synthetic labels."""
-    from palate.preferences.loop import config_from_mapping, train_preferences
+    from palate.preferences.config import config_from_mapping
+    from palate.preferences.trainer import train_preferences
 
     base = _base_config(env, algo)
     base.update(labels=labels, steps=steps, seed=seed, eval_episodes=eval_episodes, progress=False,

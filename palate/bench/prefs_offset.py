@@ -56,7 +56,7 @@ def offset_report(run_dir: str | Path, steps: int = 4000, seed: int = 123) -> di
     """Roll out ``run_dir``'s final policy for ``steps`` steps per mode and translate its offset."""
     import gymnasium as gym
 
-    from palate.preferences.loop import algo_classes, config_from_mapping, reward_model
+    from palate.preferences.config import algo_classes, config_from_mapping, reward_model
     from palate.runs import read_run_config
 
     run_dir = Path(run_dir)

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from palate.errors import FeedbackError
-from palate.feedback.storage import EXPORT_FORMATS, Store
+from palate.feedback.serve_options import add_serve_arguments
+from palate.feedback.store import Store
+from palate.feedback.tasks import EXPORT_FORMATS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -69,29 +71,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("file", help="JSONL in one of the export formats")
     p.set_defaults(func=import_)
     return fb
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``palate feedback serve`` and ``python -m palate.feedback.server``."""
-    parser.add_argument("--db", required=True, help="SQLite database file (created and migrated if needed)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port")
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="interface; 0.0.0.0 exposes the service to the network"
-    )
-    parser.add_argument(
-        "--data-dir", default=None, help="where uploaded media live (default: <db stem>-data/ beside the db)"
-    )
-    parser.add_argument(
-        "--lease-seconds", type=float, default=120.0, help="how long a shown task stays reserved"
-    )
-    parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted media upload")
-    parser.add_argument(
-        "--synchronous",
-        choices=["normal", "full"],
-        default="normal",
-        help="SQLite fsync policy: normal survives a killed server; full also a power cut, slower",
-    )
-    parser.add_argument("--log-level", default="warning", help="uvicorn log level")
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """The HTTP service: labeller and admin pages, and the API training runs call.
 
-Endpoints are ``async`` and call the :class:`~palate.feedback.storage.Store` inline: each call is
+Endpoints are ``async`` and call the :class:`~palate.feedback.store.Store` inline: each call is
 one short SQLite transaction (well under a millisecond, plus the fsync of a commit), and running
 them on the event loop serialises them for free, which is SQLite's one-writer model, instead of
 paying a thread hand-off per request. Every ``/api`` endpoint authenticates with
@@ -28,7 +28,10 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from palate.errors import FeedbackError
 from palate.feedback import media
-from palate.feedback.storage import BadInput, Forbidden, NotFound, Principal, Store, Unauthorized
+from palate.feedback.auth import Principal
+from palate.feedback.errors import BadInput, Forbidden, NotFound, Unauthorized
+from palate.feedback.serve_options import add_serve_arguments
+from palate.feedback.store import Store
 
 STATIC = Path(__file__).parent / "static"
 COOKIE = "palate_token"
@@ -45,7 +48,7 @@ class ProjectBody(BaseModel):
 
 
 class TasksBody(BaseModel):
-    #: Validated task by task in :func:`palate.feedback.storage.normalize_task_spec`.
+    #: Validated task by task in :func:`palate.feedback.tasks.normalize_task_spec`.
     tasks: list[Any] = Field(min_length=1, max_length=10_000)
 
 
@@ -420,8 +423,6 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from palate.feedback.cli import add_serve_arguments
-
     parser = argparse.ArgumentParser(
         prog="python -m palate.feedback.server", description=__doc__.splitlines()[0]
     )

@@ -28,8 +28,8 @@ _EXPORTS = {
     "Labeller": "labellers", "SyntheticOracle": "labellers", "HumanLabeller": "labellers",
     "Query": "labellers", "Answer": "labellers",
     "LabelStore": "storage", "LabelledComparison": "storage", "load_labels": "storage",
-    "PreferenceConfig": "loop", "PreferenceTrainer": "loop", "train_preferences": "loop",
-    "resume_preferences": "loop",
+    "PreferenceConfig": "config", "PreferenceTrainer": "trainer", "train_preferences": "trainer",
+    "resume_preferences": "trainer",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -4,7 +4,7 @@
     palate prefs train --config configs/prefs/pendulum.yaml --labels-from runs/prefs-a
     palate prefs resume runs/prefs-Hopper-v5-trpo-0 [--steps 2e6]
 
-Flags are the fields of :class:`palate.preferences.loop.PreferenceConfig`; ``--config`` reads the
+Flags are the fields of :class:`palate.preferences.config.PreferenceConfig`; ``--config`` reads the
 same fields from YAML (flags win). Heavy imports happen inside the handler.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 def add_parser(subparsers: Any) -> None:
     """Register ``prefs`` and its sub-commands on the top-level parser."""
     from palate.config import add_config_arguments
-    from palate.preferences.loop import PreferenceConfig
+    from palate.preferences.config import PreferenceConfig
 
     prefs = subparsers.add_parser(
         "prefs", help="learn a reward from comparisons of clips and optimise it (Christiano et al. 2017)",
@@ -59,7 +59,8 @@ def _train(args: argparse.Namespace) -> int:
 
     from palate.config import config_from_args, load_yaml
     from palate.errors import ConfigError
-    from palate.preferences.loop import PreferenceConfig, train_preferences
+    from palate.preferences.config import PreferenceConfig
+    from palate.preferences.trainer import train_preferences
 
     base: dict[str, Any] = {}
     if args.config:
@@ -90,7 +91,7 @@ def _step_count(text: str) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from palate.preferences.loop import PreferenceTrainer
+    from palate.preferences.trainer import PreferenceTrainer
 
     trainer = PreferenceTrainer.resume(args.run, steps=args.steps)
     if args.no_progress:

@@ -11,7 +11,7 @@ import pytest
 from palate.errors import FeedbackError
 from palate.feedback import cli
 from palate.feedback.client import FeedbackClient
-from palate.feedback.storage import Store
+from palate.feedback.store import Store
 
 
 def create(env, tasks, project="p"):

@@ -7,7 +7,10 @@ import sqlite3
 import pytest
 
 from palate.errors import FeedbackError
-from palate.feedback.storage import MIGRATIONS, SCHEMA_VERSION, Store, agreement, dense_ranks
+from palate.feedback.schema import MIGRATIONS, SCHEMA_VERSION
+from palate.feedback.stats import agreement
+from palate.feedback.store import Store
+from palate.feedback.tasks import dense_ranks
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from palate.feedback.storage import Store
+from palate.feedback.store import Store
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from palate.feedback.storage import Store
+from palate.feedback.store import Store
 
 N_LABELLERS = 8
 

@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 from palate.errors import PreferenceError
 from palate.feedback.client import FeedbackClient
 from palate.feedback.server import create_app
+from palate.preferences.channels import AsyncChannel as _AsyncChannel
 from palate.preferences.labellers import HumanLabeller, Query
-from palate.preferences.loop import _AsyncChannel
 from palate.preferences.render import SegmentRenderer
 from palate.preferences.segments import Segment, SegmentPair
 from palate.preferences.storage import LabelStore, load_labels

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from palate.errors import PreferenceError
+from palate.preferences.channels import AsyncChannel as _AsyncChannel
+from palate.preferences.config import PreferenceConfig
 from palate.preferences.labellers import Answer, Query
-from palate.preferences.loop import PreferenceConfig, PreferenceTrainer, _AsyncChannel, labels_wanted
 from palate.preferences.storage import LabelStore, load_labels
+from palate.preferences.trainer import PreferenceTrainer, labels_wanted
 
 PENDULUM_RL = {"n_envs": 4, "n_steps": 256, "batch_size": 64, "gamma": 0.9, "learning_rate": 1e-3, "n_epochs": 10}
 
@@ -144,7 +146,7 @@ def test_async_channel_surfaces_unknown_labels(tmp_path, linear):
 
 
 def test_fixed_length_episodes_where_the_env_allows():
-    from palate.preferences.loop import make_env_factory
+    from palate.preferences.wrappers import make_env_factory
 
     hopper = make_env_factory(PreferenceConfig(env="Hopper-v5"))
     assert hopper.env_kwargs == {"terminate_when_unhealthy": False}

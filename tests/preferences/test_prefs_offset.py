@@ -7,7 +7,8 @@ import pytest
 
 from palate.bench.prefs_offset import main, offset_in_true_units
 from palate.errors import PreferenceError
-from palate.preferences.loop import PreferenceConfig, PreferenceTrainer
+from palate.preferences.config import PreferenceConfig
+from palate.preferences.trainer import PreferenceTrainer
 
 
 def test_offset_in_true_units_recovers_a_known_affine_map():

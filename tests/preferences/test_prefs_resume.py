@@ -9,10 +9,12 @@ import torch
 
 from palate.cli import main
 from palate.errors import CheckpointError, PreferenceError
+from palate.preferences.checkpoint import CHECKPOINT_FILE
+from palate.preferences.config import PreferenceConfig
 from palate.preferences.labellers import HumanLabeller
-from palate.preferences.loop import CHECKPOINT_FILE, PreferenceConfig, PreferenceTrainer, resume_preferences
 from palate.preferences.segments import TrajectoryPool
 from palate.preferences.storage import load_labels
+from palate.preferences.trainer import PreferenceTrainer, resume_preferences
 
 
 def _cfg(tmp_path, name, **kw):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from palate.config import load_yaml
-from palate.preferences.loop import config_from_mapping, policy_config
+from palate.preferences.config import config_from_mapping, policy_config
 
 PRESETS = sorted((Path(__file__).resolve().parents[2] / "configs" / "prefs").glob("*.yaml"))
 

@@ -1,0 +1,236 @@
+"""Answers out to files and back: the trainer formats of export, and import of labelled files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from palate.feedback.errors import BadInput
+from palate.feedback.tasks import (
+    EXPORT_FORMATS,
+    MAX_REDUNDANCY,
+    RESERVED_KEYS,
+    normalize_answer,
+    normalize_task_spec,
+    task_format,
+)
+
+
+def _item_value(item: dict[str, str], media_ext: dict[str, str]) -> str:
+    """What an exported line shows for an item: its run-given id, else the media file, else the text."""
+    if "id" in item:
+        return item["id"]
+    if "media" in item:
+        sha = item["media"]
+        return f"{sha}.{media_ext.get(sha, 'bin')}"
+    return item["text"]
+
+
+def _spec_from_export(obj: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Turn one exported line back into a task spec and its answer."""
+    if "ranking" in obj:
+        return (
+            {
+                "kind": "rank",
+                "mode": "rank",
+                "prompt": obj.get("prompt"),
+                "completions": obj.get("completions"),
+            },
+            {"ranking": obj["ranking"]},
+        )
+    if "best" in obj:
+        return (
+            {
+                "kind": "rank",
+                "mode": "best",
+                "prompt": obj.get("prompt"),
+                "completions": obj.get("completions"),
+            },
+            {"best": obj["best"]},
+        )
+    if "chosen" in obj and "rejected" in obj:
+        return (
+            {"kind": "pair", "prompt": obj.get("prompt"), "left": obj["chosen"], "right": obj["rejected"]},
+            {"choice": "left"},
+        )
+    if "left" in obj and "right" in obj and "label" in obj:
+        metadata = {k: v for k, v in obj.items() if k not in RESERVED_KEYS}
+        return (
+            {
+                "kind": "pair",
+                "left": {"id": str(obj["left"]), "text": str(obj["left"])},
+                "right": {"id": str(obj["right"]), "text": str(obj["right"])},
+                "metadata": metadata,
+            },
+            {"choice": obj["label"]},
+        )
+    raise BadInput(
+        f"{where}: not a known format; expected keys (comparison_id, left, right, label), (prompt, chosen, rejected), "
+        "(prompt, completions, ranking) or (prompt, completions, best)"
+    )
+
+
+class ExportStore:
+    """The part of :class:`~palate.feedback.store.Store` that writes and reads the export formats."""
+
+    # Provided by Store: the connection, the lock every call holds, and the clock.
+    _db: sqlite3.Connection
+    _lock: threading.RLock
+    clock: Callable[[], float]
+    _write: Callable[[], Any]
+
+    def export_rows(self, project_id: int, fmt: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every answer of a project as one line of a trainer format (one line per labeller's answer).
+
+        ``fmt`` picks one of :data:`EXPORT_FORMATS`; without it the project must hold one format
+        only, since a trainer reads one format per file. Text pairs answered 'equal' or
+        'cant_tell' have no chosen/rejected and are left out of ``text_pairs``.
+        """
+        if fmt is not None and fmt not in EXPORT_FORMATS:
+            raise BadInput(f"format {fmt!r}: use one of {list(EXPORT_FORMATS)}")
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT a.id, a.answer, c.name AS labeller, t.id AS task_id, t.mode, t.payload, t.metadata, "
+                "t.external_id, p.name AS project FROM answers a JOIN tasks t ON t.id = a.task_id "
+                "JOIN accounts c ON c.id = a.account_id JOIN projects p ON p.id = t.project_id "
+                "WHERE a.project_id = ? ORDER BY a.id",
+                (project_id,),
+            ).fetchall()
+            media_ext = {r[0]: r[1] for r in self._db.execute("SELECT sha256, ext FROM media")}
+        parsed = [(r, json.loads(r["payload"])) for r in rows]
+        formats = {task_format(r["mode"], p) for r, p in parsed}
+        if fmt is None and len(formats) > 1:
+            raise BadInput(
+                f"project holds several formats {sorted(formats)}; export one at a time with --format NAME"
+            )
+        for r, payload in parsed:
+            this = task_format(r["mode"], payload)
+            if fmt is not None and this != fmt:
+                continue
+            answer = json.loads(r["answer"])
+            cid = r["external_id"] if r["external_id"] is not None else f"{r['project']}:{r['task_id']}"
+            values = [_item_value(it, media_ext) for it in payload["items"]]
+            if this == "pairs":
+                yield {
+                    "comparison_id": cid,
+                    "left": values[0],
+                    "right": values[1],
+                    "label": answer["choice"],
+                    "labeller": r["labeller"],
+                    **json.loads(r["metadata"]),
+                }
+            elif this == "text_pairs":
+                if answer["choice"] not in ("left", "right"):
+                    continue
+                chosen, rejected = values if answer["choice"] == "left" else values[::-1]
+                yield {
+                    "prompt": payload["prompt"],
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "labeller": r["labeller"],
+                    "comparison_id": cid,
+                }
+            elif this == "rankings":
+                yield {
+                    "prompt": payload["prompt"],
+                    "completions": values,
+                    "ranking": answer["ranking"],
+                    "labeller": r["labeller"],
+                    "comparison_id": cid,
+                }
+            else:
+                yield {
+                    "prompt": payload["prompt"],
+                    "completions": values,
+                    "best": answer["best"],
+                    "labeller": r["labeller"],
+                    "comparison_id": cid,
+                }
+
+    def import_rows(self, project_id: int, rows: Iterable[tuple[int, Any]]) -> dict[str, int]:
+        """Load labelled comparisons (the export formats) as completed tasks with their answers.
+
+        ``rows`` yields ``(line_number, object)``. Lines with the same ``comparison_id`` become one
+        task answered by several labellers; lines without one are grouped by their content. A
+        comparison whose id already exists in the project is skipped, so re-importing a file is
+        harmless. Labellers named in the file get accounts without tokens. One transaction.
+        """
+        groups: dict[str, dict[str, Any]] = {}
+        for lineno, obj in rows:
+            where = f"line {lineno}"
+            if not isinstance(obj, dict):
+                raise BadInput(f"{where}: expected a JSON object")
+            spec, answer = _spec_from_export(obj, where)
+            key = (
+                str(obj["comparison_id"])
+                if "comparison_id" in obj
+                else "import:"
+                + hashlib.sha256(
+                    json.dumps(
+                        [
+                            spec["kind"],
+                            spec.get("mode"),
+                            spec.get("prompt"),
+                            spec.get("left"),
+                            spec.get("right"),
+                            spec.get("completions"),
+                        ],
+                        sort_keys=True,
+                    ).encode()
+                ).hexdigest()[:24]
+            )
+            labeller = str(obj.get("labeller") or "imported")
+            group = groups.setdefault(key, {"spec": spec, "answers": {}, "where": where})
+            group["answers"].setdefault(labeller, answer)
+        created = skipped = answers = 0
+        now = self.clock()
+        with self._lock, self._write():
+            for key, group in groups.items():
+                if self._db.execute(
+                    "SELECT 1 FROM tasks WHERE project_id = ? AND external_id = ?", (project_id, key)
+                ).fetchone():
+                    skipped += 1
+                    continue
+                spec = dict(
+                    group["spec"], external_id=key, redundancy=min(len(group["answers"]), MAX_REDUNDANCY)
+                )
+                t = normalize_task_spec(spec, group["where"])
+                k = len(t["payload"]["items"])
+                n = len(group["answers"])
+                tid = self._db.execute(
+                    "INSERT INTO tasks (project_id, kind, mode, payload, metadata, external_id, priority, redundancy, "
+                    "n_answers, status, created_at, closed_at) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, 'done', ?, ?)",
+                    (
+                        project_id,
+                        t["kind"],
+                        t["mode"],
+                        json.dumps(t["payload"]),
+                        json.dumps(t["metadata"]),
+                        key,
+                        n,
+                        n,
+                        now,
+                        now,
+                    ),
+                ).lastrowid
+                for labeller, answer in group["answers"].items():
+                    normal = normalize_answer(t["mode"], k, answer)
+                    acc = self._db.execute("SELECT id FROM accounts WHERE name = ?", (labeller,)).fetchone()
+                    if acc is None:
+                        acc_id = self._db.execute(
+                            "INSERT INTO accounts (name, role, created_at) VALUES (?, 'labeller', ?)",
+                            (labeller, now),
+                        ).lastrowid
+                    else:
+                        acc_id = acc[0]
+                    self._db.execute(
+                        "INSERT INTO answers (task_id, account_id, project_id, answer, created_at) VALUES (?, ?, ?, ?, ?)",
+                        (tid, acc_id, project_id, json.dumps(normal), now),
+                    )
+                    answers += 1
+                created += 1
+        return {"tasks": created, "answers": answers, "skipped": skipped}
