@@ -1,4 +1,5 @@
-"""The InstructGPT pipeline end to end: demonstrations -> SFT -> comparisons -> RM -> PPO -> eval -> best-of-N -> report.
+"""The InstructGPT pipeline end to end: demonstrations -> SFT -> comparisons -> RM -> PPO -> eval -> best-of-N
+(-> DPO on the same rankings -> its eval) -> report.
 
 Each stage writes its own run directory ``<runs_dir>/<name>/<stage>/`` and finishes by writing
 ``summary.json``; a stage whose ``summary.json`` exists is skipped, so an interrupted pipeline
@@ -51,6 +52,7 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
     """Every stage's own config, linked by paths; built (and validated) before anything runs."""
     from palate.lm.best_of_n import BestOfNConfig
     from palate.lm.demos import DemosConfig, LabelConfig
+    from palate.lm.dpo import DPOConfig
     from palate.lm.evaluate import EvalConfig
     from palate.lm.ppo import LMPPOConfig
     from palate.lm.reward import RMConfig
@@ -66,6 +68,9 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
         "torch_threads": cfg.torch_threads, **reward}
     if cfg.ppo.get("online_every"):
         ppo_defaults["online_comparisons"] = str(root / "label" / "comparisons.jsonl")
+    val = {"val_data": str(root / "label" / "val.jsonl")} if cfg.label_val else {}
+    eval_defaults = {"reference": sft_model, "task": cfg.task, "seed": cfg.seed + 1234,
+                     "torch_threads": cfg.torch_threads, "reward_model": rm_model if uses_rm else None}
     return {
         "demos": _merged(DemosConfig, {"model": cfg.base_model, "task": cfg.task, "split": "train",
                                        "out": str(root / "demos" / "demos.jsonl"), "seed": cfg.seed},
@@ -83,19 +88,23 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
         if cfg.label_val else None,
         "rm": _merged(RMConfig, {"model": sft_model, "task": cfg.task, "seed": cfg.seed,
                                  "train_data": str(root / "label" / "comparisons.jsonl"), "runs_dir": str(root),
-                                 "run_name": "rm", "overwrite": True, "tensorboard": False,
-                                 **({"val_data": str(root / "label" / "val.jsonl")} if cfg.label_val else {})},
+                                 "run_name": "rm", "overwrite": True, "tensorboard": False, **val},
                       cfg.rm, "pipeline rm"),
         "ppo": _merged(LMPPOConfig, ppo_defaults, cfg.ppo, "pipeline ppo"),
-        "eval": _merged(EvalConfig, {"run": str(root / "ppo"), "reference": sft_model, "task": cfg.task,
-                                     "out": str(root / "eval"), "seed": cfg.seed + 1234,
-                                     "torch_threads": cfg.torch_threads,
-                                     "reward_model": rm_model if uses_rm else None},
+        "eval": _merged(EvalConfig, {"run": str(root / "ppo"), "out": str(root / "eval"), **eval_defaults},
                         cfg.eval, "pipeline eval"),
         "bon": _merged(BestOfNConfig, {"model": sft_model, "reward_model": rm_model, "task": cfg.task,
                                        "out": str(root / "bon"), "seed": cfg.seed + 4321,
                                        "torch_threads": cfg.torch_threads}, cfg.bon, "pipeline bon")
         if uses_rm else None,
+        # DPO learns from the very rankings the RM learns from, starting from the same SFT model,
+        # and is judged on the same test prompts with the same seed: the offline baseline.
+        "dpo": _merged(DPOConfig, {"model": sft_model, "reference": sft_model, "task": cfg.task, "seed": cfg.seed,
+                                   "train_data": str(root / "label" / "comparisons.jsonl"), "runs_dir": str(root),
+                                   "run_name": "dpo", "overwrite": True, "tensorboard": False, **val},
+                       cfg.dpo, "pipeline dpo"),
+        "dpo_eval": _merged(EvalConfig, {"run": str(root / "dpo"), "out": str(root / "dpo_eval"), **eval_defaults},
+                            {**cfg.eval, **cfg.dpo_eval}, "pipeline dpo_eval"),
     }
 
 
@@ -107,6 +116,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
 
     from palate.lm.best_of_n import best_of_n
     from palate.lm.demos import build_demonstrations, label_comparisons
+    from palate.lm.dpo import train_dpo
     from palate.lm.evaluate import evaluate
     from palate.lm.ppo import train_ppo
     from palate.lm.report import write_report
@@ -150,6 +160,10 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
                 log.info("pipeline %s: no reward model, so no best-of-N baseline", cfg.name)
                 continue
             best_of_n(configs["bon"])
+        elif stage == "dpo":
+            train_dpo(configs["dpo"])
+        elif stage == "dpo_eval":
+            evaluate(configs["dpo_eval"])
         elif stage == "report":
             write_report(root)
         timings[stage] = round(time.perf_counter() - t0, 1)

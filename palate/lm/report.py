@@ -206,6 +206,8 @@ def write_report(root: str | Path, n_samples: int = 6) -> Path:
     sft, rm, ppo = _json(root / "sft" / "summary.json"), _json(root / "rm" / "summary.json"), _json(root / "ppo" / "summary.json")
     pipeline = _json(root / "pipeline.json")
     bon = _json(root / "bon" / "summary.json")
+    dpo_eval = _json(root / "dpo_eval" / "summary.json")
+    dpo_samples = _jsonl(root / "dpo_eval" / "samples.jsonl")
     judge = None
     if pipeline.get("task"):
         from palate.data.tasks import load_task
@@ -252,8 +254,8 @@ def write_report(root: str | Path, n_samples: int = 6) -> Path:
             f"| repeated 3-grams | {_fmt(evaluation.get('policy/repetition_3gram'))} | {_fmt(evaluation.get('reference/repetition_3gram'))} |",
             "",
         ]
-    if bon.get("curve") or (evaluation and judge is not None):
-        lines += ["## PPO against best-of-N", "",
+    if bon.get("curve") or (evaluation and judge is not None) or dpo_eval:
+        lines += ["## PPO against best-of-N and DPO" if dpo_eval else "## PPO against best-of-N", "",
                   "Win rates here are the held-out labeller's *expected* ones (its utility difference through "
                   "its noise model), one estimator for both rows; the headline's is its sampled verdicts.", "",
                   "| method | KL to SFT (nats) | expected win rate vs SFT | held-out utility | RM score |",
@@ -265,10 +267,18 @@ def write_report(root: str | Path, n_samples: int = 6) -> Path:
         for c in bon.get("curve", [])[1:]:
             lines.append(f"| best-of-{int(c['n'])} with the reward model | {_fmt(c['kl'], 2)} | {_fmt(c['win_rate'])} | "
                          f"{_fmt(c['gold'])} | {_fmt(c['proxy'])} |")
+        if dpo_eval:
+            expected = expected_win_rate(dpo_samples, judge) if judge is not None and dpo_samples else None
+            lines.append(f"| DPO on the same rankings | {_fmt(dpo_eval.get('kl'), 2)} | {_fmt(expected)} | "
+                         f"{_fmt(dpo_eval.get('judge_score'))} | {_fmt(dpo_eval.get('rm_score'))} |")
         if bon.get("curve") and evaluation.get("kl"):
             n_match = float(np.exp(evaluation["kl"] + 1.0))
             lines += ["", f"Best-of-N reaches PPO's KL of {_fmt(evaluation['kl'], 1)} nats only at N ≈ {n_match:,.0f} "
                       "samples per prompt (KL = log N - (N - 1) / N)."]
+        if dpo_eval:
+            lines += ["", f"DPO's sampled win rate vs SFT by the held-out labeller: {_fmt(dpo_eval.get('win_rate'))} ± "
+                      f"{_fmt(dpo_eval.get('win_rate_stderr'))} over {dpo_eval.get('n_comparisons')} comparisons "
+                      f"(PPO's: {_fmt(evaluation.get('win_rate'))} ± {_fmt(evaluation.get('win_rate_stderr'))})."]
         lines.append("")
     lines += ["## Stages", "", "| stage | wall time (s) | notes |", "|---|---|---|"]
     notes = {
@@ -277,6 +287,7 @@ def write_report(root: str | Path, n_samples: int = 6) -> Path:
         "ppo": (f"{ppo.get('iterations')} iterations, {sum(m.get('time/rollout_s', 0) + m.get('time/update_s', 0) for m in metrics):.0f} s "
                 f"of rollout + update (all sessions, if resumed), final beta {_fmt(ppo.get('kl_coef'), 4)}") if ppo else "",
         "eval": f"{evaluation.get('n_comparisons')} comparisons on the {evaluation.get('split')} split" if evaluation else "",
+        "dpo_eval": f"{dpo_eval.get('n_comparisons')} comparisons on the {dpo_eval.get('split')} split" if dpo_eval else "",
     }
     for stage in sorted(timings, key=lambda st: PIPELINE_STAGES.index(st) if st in PIPELINE_STAGES else 99):
         lines.append(f"| {stage} | {timings[stage]} | {notes.get(stage, '')} |")

@@ -164,7 +164,11 @@ class BestOfNConfig:
             raise ConfigError("bon: set out, the directory the results are written to")
 
 
-PIPELINE_STAGES = ("demos", "sft", "label", "rm", "ppo", "eval", "bon", "report")
+PIPELINE_STAGES = ("demos", "sft", "label", "rm", "ppo", "eval", "bon", "dpo", "dpo_eval", "report")
+# What a pipeline runs unless ``stages`` says otherwise: DPO (the offline baseline on the same
+# rankings) doubles the CPU time of the demo, so it is asked for, e.g. ``--stages dpo,dpo_eval,report``
+# after a finished run.
+DEFAULT_PIPELINE_STAGES = ("demos", "sft", "label", "rm", "ppo", "eval", "bon", "report")
 
 
 @dataclasses.dataclass
@@ -181,7 +185,9 @@ class PipelineConfig:
     base_model: str = doc_field("smollm2-135m-instruct", "pretrained model everything starts from")
     ppo_reward: str = doc_field("rm", "what PPO maximises: 'rm' (the learned reward model, InstructGPT) or "
                                 "'task' (the task's reward function, Ziegler's mock sentiment classifier)")
-    stages: list[str] = doc_field(list(PIPELINE_STAGES), "stages to run, in order (done ones are skipped)")
+    stages: list[str] = doc_field(list(DEFAULT_PIPELINE_STAGES),
+                                  "stages to run, in order (done ones are skipped); also available: dpo, dpo_eval "
+                                  "(DPO on the same rankings from the SFT model, and its evaluation)")
     seed: int = doc_field(0, "seed of every stage")
     torch_threads: int = doc_field(0, "torch CPU threads for every stage (0 = torch's default)")
     demos: dict[str, Any] = doc_field({}, "DemosConfig fields (best-of-N demonstrations for SFT)")
@@ -196,6 +202,9 @@ class PipelineConfig:
     ppo: dict[str, Any] = doc_field({}, "LMPPOConfig fields")
     eval: dict[str, Any] = doc_field({}, "EvalConfig fields")
     bon: dict[str, Any] = doc_field({}, "BestOfNConfig fields (the best-of-N baseline and the overoptimisation plot)")
+    dpo: dict[str, Any] = doc_field({}, "DPOConfig fields (the offline baseline on the label stage's rankings)")
+    dpo_eval: dict[str, Any] = doc_field({}, "EvalConfig fields for the DPO policy, over the eval section's "
+                                         "(by default it is judged exactly as PPO is, on the same prompts)")
 
     def validate(self) -> None:
         unknown = [s for s in self.stages if s not in PIPELINE_STAGES]

@@ -32,9 +32,11 @@ def test_tiny_pipeline_runs_every_stage_then_skips_them(tmp_path):
         "eval": {"n_prompts": 3, "samples_per_prompt": 1, "max_new_tokens": 6, "ptx_block_size": 32,
                  "max_ppl_blocks": 2, "device": "cpu"},
         "bon": {"n_prompts": 2, "n": 4, "max_new_tokens": 6, "device": "cpu"},
+        "dpo": {"epochs": 1, "batch_size": 2, "max_length": 48, "eval_every": 100, "cpu": True},
+        "stages": ["demos", "sft", "label", "rm", "ppo", "eval", "bon", "dpo", "dpo_eval", "report"],
     })
     root = run_pipeline(cfg)
-    for stage in ("demos", "sft", "label", "rm", "ppo", "eval", "bon"):
+    for stage in ("demos", "sft", "label", "rm", "ppo", "eval", "bon", "dpo", "dpo_eval"):
         assert stage_done(root, stage), stage
     # The RM's validation set is ranked by every labeller, so the held-out one's accuracy is measured.
     val_labellers = {json.loads(line)["labeller"] for line in (root / "label" / "val.jsonl").read_text().splitlines()}
@@ -55,6 +57,16 @@ def test_tiny_pipeline_runs_every_stage_then_skips_them(tmp_path):
     bon = json.loads((root / "bon" / "summary.json").read_text())
     assert [c["n"] for c in bon["curve"]] == [1, 2, 4] and bon["judge"] == "held_out"
     assert "best-of-4 with the reward model" in report
+    # DPO: trained from the SFT model on the label stage's rankings, judged on PPO's test prompts.
+    dpo_config = (root / "dpo" / "config.yaml").read_text()
+    assert str(root / "sft" / "model") in dpo_config and str(root / "label" / "comparisons.jsonl") in dpo_config
+    dpo_ev = json.loads((root / "dpo_eval" / "summary.json").read_text())
+    assert dpo_ev["n_comparisons"] == ev["n_comparisons"] and 0.0 <= dpo_ev["win_rate"] <= 1.0
+    def prompts(stage: str) -> list[str]:
+        return [json.loads(line)["prompt"] for line in (root / stage / "samples.jsonl").read_text().splitlines()]
+
+    assert prompts("dpo_eval") == prompts("eval")
+    assert "| DPO on the same rankings |" in report and "DPO's sampled win rate" in report
     for png in ("reward_kl.png", "frontier.png", "win_rate.png", "overoptimisation.png"):
         assert (root / png).stat().st_size > 1000
 
@@ -63,4 +75,4 @@ def test_tiny_pipeline_runs_every_stage_then_skips_them(tmp_path):
     run_pipeline(cfg)
     assert (root / "ppo" / "summary.json").stat().st_mtime == mtime
     timings = json.loads((root / "timings.json").read_text())
-    assert set(timings) >= {"demos", "sft", "label", "rm", "ppo", "eval", "bon", "report"}
+    assert set(timings) >= {"demos", "sft", "label", "rm", "ppo", "eval", "bon", "dpo", "dpo_eval", "report"}
