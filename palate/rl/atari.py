@@ -10,13 +10,18 @@ The wrappers, innermost first, and why each is there:
   changes rewards or episode boundaries; palate reports its ``info["episode"]`` as
   ``charts/episodic_return``, so the chart shows the real, unclipped score of whole games;
 * for training only, :class:`EpisodicLife` (a lost life ends the learner's episode, so the
-  value of dying is learnt, while the game itself goes on), :class:`FireReset` (games that wait
-  for FIRE after a reset), and the sign of the reward (scores of every game on one scale);
+  value of dying is learnt, while the game itself goes on) and the sign of the reward (scores of
+  every game on one scale);
+* :class:`FireReset` for games that wait for FIRE after a reset (and, in evaluation, after a
+  lost life);
 * gymnasium's ``FrameStackObservation`` of 4: motion, as a ``4 x 84 x 84`` uint8 observation,
   which the policy sees as a channels-first image (the Nature CNN).
 
 Evaluation (``palate rl eval``, ``eval_every``) builds the same stack without the training-only
 wrappers, so it plays and scores whole games.
+
+Gymnasium has no EpisodicLife or FireReset wrapper (its AtariPreprocessing's
+``terminal_on_life_loss`` resets the whole game at a lost life), hence the two small ones here.
 """
 
 from __future__ import annotations
@@ -89,14 +94,37 @@ class EpisodicLife(gym.Wrapper):
 
 class FireReset(gym.Wrapper):
     """Press FIRE (then the next action, as SB3's FireResetEnv) after every reset, for games
-    that wait for it (Breakout would otherwise sit still until the agent learns to fire)."""
+    that wait for it (Breakout would otherwise sit still until the agent learns to fire).
+
+    Args:
+        on_life_loss: also press FIRE after a lost life. For evaluation, which plays whole games
+            without :class:`EpisodicLife`: a deterministic policy that never fires would
+            otherwise wait out the time limit after its first lost life.
+    """
+
+    def __init__(self, env: gym.Env, on_life_loss: bool = False) -> None:
+        super().__init__(env)
+        self.on_life_loss = on_life_loss
+        self.lives = 0
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if self.on_life_loss:
+            lives = self.env.unwrapped.ale.lives()
+            if lives < self.lives and not (terminated or truncated):
+                obs, fire_reward, terminated, truncated, info = self.env.step(1)
+                reward += fire_reward
+            self.lives = lives
+        return obs, reward, terminated, truncated, info
 
     def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        self.lives = self.env.unwrapped.ale.lives()
         self.env.reset(**kwargs)
         for action in (1, 2):
             obs, _reward, terminated, truncated, info = self.env.step(action)
             if terminated or truncated:
                 obs, info = self.env.reset(**kwargs)
+        self.lives = self.env.unwrapped.ale.lives()
         return obs, info
 
 
@@ -108,11 +136,14 @@ def wrap_atari(env: gym.Env, training: bool = True) -> gym.Env:
     env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84,
                                           terminal_on_life_loss=False, grayscale_obs=True, scale_obs=False)
     env = gym.wrappers.RecordEpisodeStatistics(env)
+    fire = "FIRE" in env.unwrapped.get_action_meanings()
     if training:
         env = EpisodicLife(env)
-        if "FIRE" in env.unwrapped.get_action_meanings():
+        if fire:
             env = FireReset(env)
         env = gym.wrappers.TransformReward(env, lambda r: float(np.sign(r)))
+    elif fire:
+        env = FireReset(env, on_life_loss=True)
     return gym.wrappers.FrameStackObservation(env, FRAME_STACK)
 
 
