@@ -442,6 +442,8 @@ class OnPolicyAlgorithm:
                 else:
                     buffer.store_obs(t, obs, raw_obs)
                     next_raw = layout.split(next_raw)
+                    if actor.value is not None:  # V(s_t) from the acting forward (shared encoder)
+                        buffer.values[t] = actor.value
                 buffer.actions[t] = action_np
                 buffer.env_actions[t] = env_action
                 buffer.logp[t] = logp
@@ -486,8 +488,12 @@ class OnPolicyAlgorithm:
                 rows = [flat_obs, obs] + [f[2] for f in finals]
                 values = policy.value(torch.from_numpy(np.concatenate(rows))).numpy()
             else:
-                flat_obs = tree_map(lambda x: x.reshape(cfg.rollout_size, *x.shape[2:]), buffer.obs)
-                values = self._values(tree_concat([flat_obs, obs] + [f[2] for f in finals]))
+                rest = self._values(tree_concat([obs] + [f[2] for f in finals]))
+                if actor.value is not None:
+                    values = np.concatenate([buffer.values.reshape(-1), rest])
+                else:
+                    flat_obs = tree_map(lambda x: x.reshape(cfg.rollout_size, *x.shape[2:]), buffer.obs)
+                    values = np.concatenate([self._values(flat_obs), rest])
         buffer.values[:] = values[:cfg.rollout_size].reshape(cfg.n_steps, cfg.n_envs)
         buffer.last_value[:] = values[cfg.rollout_size:cfg.rollout_size + cfg.n_envs]
         offset = cfg.rollout_size + cfg.n_envs

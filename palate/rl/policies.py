@@ -374,13 +374,26 @@ class ActorCritic(nn.Module):
 
 class TorchActor:
     """:class:`NumpyActor`'s interface for an :class:`EncoderActorCritic`: a CNN (or a dict of
-    parts) is no job for NumPy, so this runs the torch forward on the parts and hands back arrays."""
+    parts) is no job for NumPy, so this runs the torch forward on the parts and hands back arrays.
+
+    With a shared encoder the critic head costs nothing next to the CNN that acting already ran,
+    so ``act`` also leaves V(s) in :attr:`value` and the rollout needs no second pass of the CNN
+    over its observations (None when the critic has its own encoder).
+    """
 
     def __init__(self, policy: EncoderActorCritic) -> None:
         self.policy = policy
+        self.shared = policy.critic_encoder is None
+        self.value: np.ndarray | None = None
 
     def act(self, obs: dict[str, np.ndarray], noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        action, logp = self.policy.act({k: torch.from_numpy(v) for k, v in obs.items()}, torch.from_numpy(noise))
+        obs_t = {k: torch.from_numpy(v) for k, v in obs.items()}
+        if self.shared:
+            dist, value = self.policy.distribution_and_value(obs_t)
+            self.value = value.numpy()
+            action, logp = dist.sample(torch.from_numpy(noise))
+        else:
+            action, logp = self.policy.act(obs_t, torch.from_numpy(noise))
         return action.numpy(), logp.numpy()
 
 

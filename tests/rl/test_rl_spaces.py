@@ -266,3 +266,13 @@ def test_layout_of_nested_spaces():
     parts = layout.split(sample)
     np.testing.assert_array_equal(parts["a/1"], sample["a"][1])
     assert parts["img"].dtype == np.uint8 and parts["a/0"].dtype == np.float32
+
+
+def test_image_and_dict_runs_resume_from_their_checkpoint(tmp_path):
+    for name, make in (("pixels", lambda: PixelEnv("chw")), ("dict", lambda: DictEnv())):
+        model = PPO(n_envs=2, n_steps=16, batch_size=32, n_epochs=1, cnn="small", cnn_features=8, seed=0)
+        model.learn(make, total_steps=32, progress=False, run_dir=tmp_path / name)
+        resumed = PPO.load(tmp_path / name)
+        resumed.learn(make, total_steps=32, progress=False)
+        assert resumed.global_step == 64 and resumed.iteration == 2
+        assert isinstance(resumed._raw_obs, dict)  # the episodes' last observation came back as parts
