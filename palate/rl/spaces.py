@@ -185,6 +185,9 @@ class ObsLayout:
                 raise EnvError(f"{what}: some observation parts are batched and some are not; pass one "
                                "observation or a batch of them")
             single = this
+            if p.kind == "box" and not np.isfinite(parts[p.key]).all():
+                raise EnvError(f"{what}: observation part '{p.key}' holds NaN or inf; the policy's action would "
+                               "be meaningless; check the env or the code that built it")
         if single:
             parts = {k: v[None] for k, v in parts.items()}
         return parts, bool(single)

@@ -239,6 +239,9 @@ def test_predict_names_the_part_of_a_wrong_observation():
     obs["vec"] = np.zeros(5, np.float32)
     with pytest.raises(EnvError, match="'vec' has shape"):
         model.predict(obs)
+    obs["vec"] = np.array([np.nan, 0.0], np.float32)
+    with pytest.raises(EnvError, match="'vec' holds NaN"):
+        model.predict(obs)
     del obs["vec"]
     with pytest.raises(EnvError, match="does not match the model's observation space"):
         model.predict(obs)
