@@ -55,7 +55,7 @@ def run_palate(cfg: Any, steps: int) -> dict[str, Any]:
     elapsed = time.perf_counter() - start
     scores = model._all_returns[-100:]
     return {"steps": model.global_step, "seconds": elapsed, "steps_per_s": model.global_step / elapsed,
-            "games": model.episodes, "score": float(np.mean(scores)) if scores else None}
+            "games": model.episodes, "scored": len(scores), "score": float(np.mean(scores)) if scores else None}
 
 
 def run_sb3(cfg: Any, steps: int) -> dict[str, Any]:
@@ -65,6 +65,7 @@ def run_sb3(cfg: Any, steps: int) -> dict[str, Any]:
         import gymnasium as gym
         from stable_baselines3 import PPO as SB3PPO
         from stable_baselines3.common.env_util import make_atari_env
+        from stable_baselines3.common.monitor import Monitor
         from stable_baselines3.common.vec_env import VecFrameStack
     except ImportError as err:
         raise SystemExit(f"the Atari benchmark needs SB3 and ale-py ({err}); run: pip install -e '.[bench,atari]'") \
@@ -86,10 +87,11 @@ def run_sb3(cfg: Any, steps: int) -> dict[str, Any]:
     start = time.perf_counter()
     model.learn(total_timesteps=steps)
     elapsed = time.perf_counter() - start
-    scores = [float(info["r"]) for info in model.ep_info_buffer]
+    scores = [float(info["r"]) for info in model.ep_info_buffer]  # SB3 keeps the last 100 games
+    games = sum(len(r) for r in env.env_method("get_episode_rewards")) if env.env_is_wrapped(Monitor)[0] else None
     env.close()
     return {"steps": int(model.num_timesteps), "seconds": elapsed, "steps_per_s": model.num_timesteps / elapsed,
-            "games": len(scores), "score": float(np.mean(scores)) if scores else None}
+            "games": games, "scored": len(scores), "score": float(np.mean(scores)) if scores else None}
 
 
 def run(out_dir: str | Path, env_id: str = "BreakoutNoFrameskip-v4", steps: int = 50_000, seed: int = 0,
@@ -119,9 +121,10 @@ def markdown(results: dict[str, Any]) -> str:
     """The table of one run."""
     lines = [f"PPO on {results['env']}, {results['steps']} agent steps, seed {results['seed']}, "
              f"{results['torch_threads']} torch thread(s), {results['date']}", "",
-             "| library | steps/s | wall s | games ended | mean game score |", "|---|---|---|---|---|"]
+             "| library | steps/s | wall s | games ended | mean score of the last games (how many) |",
+             "|---|---|---|---|---|"]
     for name, row in results["rows"].items():
-        score = "n/a" if row["score"] is None else f"{row['score']:.1f}"
+        score = "n/a" if row["score"] is None else f"{row['score']:.2f} ({row['scored']})"
         lines.append(f"| {name} | {row['steps_per_s']:.0f} | {row['seconds']:.0f} | {row['games']} | {score} |")
     rows = results["rows"]
     if "sb3" in rows:
