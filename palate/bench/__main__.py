@@ -22,6 +22,7 @@ SUITES = {
     "lm-sft-rm": "palate.bench.lm_part1",  # SFT / reward model vs TRL
     "lm-ppo": "palate.bench.lm_ppo",  # LM PPO vs TRL
     "feedback": "palate.bench.feedback_load",  # feedback service load test
+    "atari": "palate.bench.atari",  # PPO on Breakout vs SB3 CnnPolicy (steps/s)
 }
 
 

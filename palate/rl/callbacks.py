@@ -324,7 +324,8 @@ class EvalCallback(Callback):
         if self._env is None:
             source = self.eval_env if self.eval_env is not None else self.model.config.env
             if isinstance(source, str):
-                self._env, self._owns_env = make_env(source, env_module=self.model.config.env_module), True
+                self._env, self._owns_env = make_env(source, env_module=self.model.config.env_module,
+                                                   atari_wrappers=self.model.config.atari, training=False), True
             elif isinstance(source, gym.Env):
                 self._env = source  # the caller's: not closed here
             elif callable(source):

@@ -42,6 +42,13 @@ class OnPolicyConfig:
     activation: Literal["tanh", "relu"] = doc_field("tanh", "hidden activation")
     ortho_init: bool = doc_field(True, "orthogonal init (gain sqrt 2, actor head 0.01, critic head 1)")
     log_std_init: float = doc_field(0.0, "initial log-std of the Gaussian policy (continuous actions)")
+    cnn: Literal["nature", "small"] = doc_field(
+        "nature", "CNN of image observations: nature (Mnih et al. 2015, images of 36x36 and up) or small "
+                  "(16 3x3/1, 32 3x3/2, for images from 5x5)")
+    cnn_features: int = doc_field(512, "output width of each image's CNN (SB3's features_dim)")
+    atari: bool | None = doc_field(
+        None, "Atari preprocessing (frame skip 4, 84x84 grey, frame stack 4, episodic life, reward sign for "
+              "training; the unclipped game score is reported); None: on for ALE ids, e.g. ALE/Pong-v5")
     torch_threads: int = doc_field(1, "torch intra-op threads (1 is fastest for small MLPs; 0 leaves torch's)")
     log_interval: int = doc_field(1, "log metrics every this many rollouts")
     checkpoint_every: int = doc_field(50_000, "write checkpoint.pt every this many env steps (and at the end)")
@@ -56,7 +63,7 @@ class OnPolicyConfig:
     def validate(self) -> None:
         """Convert each field to its type, then raise ConfigError naming the first bad value."""
         coerce_fields(self)
-        positive = ["total_steps", "n_envs", "n_steps", "log_interval", "eval_episodes"]
+        positive = ["total_steps", "n_envs", "n_steps", "log_interval", "eval_episodes", "cnn_features"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config field '{name}' must be > 0, got {getattr(self, name)}")

@@ -31,6 +31,8 @@ import gymnasium as gym
 import numpy as np
 
 from palate.errors import EnvError
+from palate.rl import atari
+from palate.rl.spaces import check_spaces
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,11 @@ def check_env_id(env_id: str, env_module: str | None = None) -> None:
         return
     if env_id in gym.envs.registry:
         return
+    if atari.looks_like_ale(env_id):
+        if not atari.register_ale():
+            raise EnvError(f"environment '{env_id}' is an Atari game; {atari.ATARI_INSTALL_HINT}")
+        if env_id in gym.envs.registry:
+            return
     matches = difflib.get_close_matches(env_id, list(gym.envs.registry.keys()), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(matches)}?" if matches else "; see gymnasium.envs.registry for the ids"
     module_hint = "" if env_module else (
@@ -108,9 +115,16 @@ def check_env_id(env_id: str, env_module: str | None = None) -> None:
     raise EnvError(f"unknown environment id '{env_id}'{hint}{module_hint}")
 
 
-def make_env(env_id: str, render_mode: str | None = None, env_module: str | None = None) -> gym.Env:
-    """``gym.make`` with palate's errors; also ``"module:attr"`` user envs and an ``env_module`` to import."""
+def make_env(env_id: str, render_mode: str | None = None, env_module: str | None = None,
+             atari_wrappers: bool | None = None, training: bool = True) -> gym.Env:
+    """``gym.make`` with palate's errors; also ``"module:attr"`` user envs and an ``env_module`` to import.
+
+    ``atari_wrappers`` (None: for ALE ids) applies :mod:`palate.rl.atari`'s preprocessing, with
+    its training-only wrappers when ``training``.
+    """
     check_env_id(env_id, env_module)
+    if uses_atari_wrappers(env_id, atari_wrappers):
+        return atari.make_atari_env(env_id, render_mode, training)
     target = _resolve(env_id) if ":" in env_id else env_id
     if not isinstance(target, str):
         kwargs = {} if render_mode is None else {"render_mode": render_mode}
@@ -136,15 +150,14 @@ def make_env(env_id: str, render_mode: str | None = None, env_module: str | None
         raise EnvError(f"cannot build environment '{env_id}': {err}") from err
 
 
-def check_spaces(observation_space: gym.Space, action_space: gym.Space, name: str) -> None:
-    """Control policies here take flat Box observations and Discrete or Box actions."""
-    if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
-        raise EnvError(f"{name}: observations must be a 1-D Box, got {observation_space}; "
-                       "wrap the env with gymnasium.wrappers.FlattenObservation")
-    if not isinstance(action_space, (gym.spaces.Discrete, gym.spaces.Box)):
-        raise EnvError(f"{name}: actions must be Discrete or Box, got {action_space}")
-    if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) != 1:
-        raise EnvError(f"{name}: Box actions must be 1-D, got shape {action_space.shape}")
+def uses_atari_wrappers(source: EnvSource, atari_wrappers: bool | None) -> bool:
+    """The config's ``atari`` field: True/False as set; None means yes for an ALE id (and only for an id)."""
+    if atari_wrappers is not None:
+        if atari_wrappers and not isinstance(source, str):
+            raise EnvError("atari: true applies to an env id (e.g. ALE/Pong-v5); an env object or factory "
+                           "passed to learn must come wrapped already (palate.rl.atari.wrap_atari)")
+        return atari_wrappers
+    return isinstance(source, str) and ":" not in source and atari.is_ale_id(source)
 
 
 class LeanSyncVectorEnv(gym.vector.SyncVectorEnv):
@@ -180,14 +193,17 @@ def make_vec_env(
     vec_env: str = "sync",
     sub_envs: list[gym.Env] | None = None,
     env_module: str | None = None,
+    atari_wrappers: bool | None = None,
 ) -> tuple[gym.vector.VectorEnv, bool]:
     """Build a SAME_STEP-autoreset vector env of ``n_envs`` copies of ``source``.
 
     Returns ``(envs, owned)``; ``owned`` is False for a vector env the caller passed in, which
     palate must then neither close nor snapshot. ``sub_envs`` (restored by
     :func:`restore_envs`) replace freshly made environments in a sync vector env.
-    ``env_module`` is imported first (in each subprocess too) for ids it registers.
+    ``env_module`` is imported first (in each subprocess too) for ids it registers;
+    ``atari_wrappers`` as in :func:`make_env` (training wrappers on).
     """
+    wrap = uses_atari_wrappers(source, atari_wrappers)
     if isinstance(source, gym.vector.VectorEnv):
         mode = source.metadata.get("autoreset_mode")
         if mode != SAME_STEP:
@@ -206,7 +222,7 @@ def make_vec_env(
         vec_env = "sync"  # an instance lives in this process
     elif isinstance(source, str):
         check_env_id(source, env_module)
-        fns = [functools.partial(make_env, source, None, env_module) for _ in range(n_envs)]
+        fns = [functools.partial(make_env, source, None, env_module, wrap) for _ in range(n_envs)]
     elif callable(source):
         fns = [source for _ in range(n_envs)]
     else:

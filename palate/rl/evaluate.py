@@ -63,8 +63,9 @@ def evaluate(model: OnPolicyAlgorithm, env_id: EnvSource | None = None, episodes
         os.environ.setdefault("MUJOCO_GL", "egl" if os.environ.get("DISPLAY") is None else "glfw")
     owned = not isinstance(source, gym.Env)
     if isinstance(source, str):
+        # Atari: the evaluation env plays whole games, unclipped (no episodic life, no reward sign).
         env = make_env(source, render_mode="rgb_array" if video_path is not None else None,
-                       env_module=model.config.env_module)
+                       env_module=model.config.env_module, atari_wrappers=model.config.atari, training=False)
     elif owned:
         env = source()
     else:

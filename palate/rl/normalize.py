@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from palate.rl.spaces import ObsLayout
+
 
 class RunningMeanStd:
     """Running mean and variance over batches (Chan et al.'s parallel update), in float64."""
@@ -75,6 +77,34 @@ class ObsNormalizer:
         self.enabled = bool(state["enabled"])
         self.clip = float(state["clip"])
         self.rms.load_state_dict(state["rms"])
+
+
+class PartsNormalizer:
+    """:class:`ObsNormalizer` for the float Box parts of a parts observation; the rest pass through.
+
+    Images are never whitened (the network scales them by 1/255, and per-pixel statistics of
+    uint8 frames would cost four times the buffer's memory for no gain), nor are discrete parts
+    (they become one-hot). Same interface as :class:`ObsNormalizer`, so the trainer holds either.
+    """
+
+    def __init__(self, layout: ObsLayout, enabled: bool, clip: float = 10.0, eps: float = 1e-8) -> None:
+        self.enabled = enabled
+        self.norms = {p.key: ObsNormalizer(p.shape, enabled, clip, eps) for p in layout.parts if p.kind == "box"}
+
+    def __call__(self, obs: dict[str, np.ndarray], update: bool = False) -> dict[str, np.ndarray]:
+        """A new dict: Box parts normalised (float32), the others the same arrays."""
+        out = dict(obs)
+        for key, norm in self.norms.items():
+            out[key] = norm(obs[key], update)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "parts": {k: n.state_dict() for k, n in self.norms.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.enabled = bool(state["enabled"])
+        for key, norm in self.norms.items():
+            norm.load_state_dict(state["parts"][key])
 
 
 class RewardNormalizer:

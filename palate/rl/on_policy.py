@@ -31,9 +31,18 @@ from palate.rl.buffer import Batch, RewardFn, RolloutBuffer, RolloutCallback, ep
 from palate.rl.callbacks import Callback, CallbackLike, CallbackList, EvalCallback, as_callback
 from palate.rl.checkpoint import load_checkpoint, save_checkpoint
 from palate.rl.config import OnPolicyConfig
-from palate.rl.envs import EnvSource, env_name, make_vec_env, restore_envs, snapshot_envs
-from palate.rl.normalize import ObsNormalizer, RewardNormalizer
-from palate.rl.policies import ActorCritic, NumpyActor
+from palate.rl.envs import EnvSource, env_name, make_vec_env, restore_envs, snapshot_envs, uses_atari_wrappers
+from palate.rl.normalize import ObsNormalizer, PartsNormalizer, RewardNormalizer
+from palate.rl.policies import ActorCritic, EncoderActorCritic, action_kind
+from palate.rl.spaces import (
+    ObsLayout,
+    is_flat_box,
+    space_from_dict,
+    space_to_dict,
+    tree_concat,
+    tree_len,
+    tree_map,
+)
 from palate.runs import MetricsLogger, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -41,17 +50,33 @@ log = logging.getLogger(__name__)
 Self = TypeVar("Self", bound="OnPolicyAlgorithm")
 
 
-def _space_to_dict(space: gym.Space) -> dict[str, Any]:
-    if isinstance(space, gym.spaces.Discrete):
-        return {"type": "discrete", "n": int(space.n)}
-    assert isinstance(space, gym.spaces.Box)
-    return {"type": "box", "low": space.low.tolist(), "high": space.high.tolist()}
+def _env_action_fn(space: gym.Space) -> Any:
+    """What turns a sampled action into the env's (a start offset, MultiBinary's int8), or None
+    where the sample is the env's action already (Discrete from 0; Box is clipped separately)."""
+    start = getattr(space, "start", None)
+    if isinstance(space, gym.spaces.MultiBinary):
+        return lambda a: a.astype(np.int8)
+    if isinstance(space, (gym.spaces.Discrete, gym.spaces.MultiDiscrete)) and np.any(start != 0):
+        return lambda a: a + start
+    return None
 
 
-def _space_from_dict(d: dict[str, Any]) -> gym.Space:
-    if d["type"] == "discrete":
-        return gym.spaces.Discrete(d["n"])
-    return gym.spaces.Box(np.array(d["low"], np.float32), np.array(d["high"], np.float32), dtype=np.float32)
+VALUE_CHUNK = 2048
+"""Rows per critic forward after a rollout of images (bounds the CNN's activation memory)."""
+
+
+def _game_over(info: dict[str, Any], ended: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(envs whose game is over, scores, lengths)`` from RecordEpisodeStatistics' ``final_info``.
+
+    Under the Atari training wrappers a lost life ends the learner's episode; the game's own
+    (unclipped) score comes only with the step that ends the game.
+    """
+    final = info.get("final_info", {})
+    mask = final.get("_episode")
+    if mask is None:
+        return ended[:0], np.zeros(0), np.zeros(0)
+    stats = final["episode"]
+    return ended[np.asarray(mask)[ended]], np.asarray(stats["r"], np.float64), np.asarray(stats["l"], np.int64)
 
 
 class OnPolicyAlgorithm:
@@ -70,6 +95,8 @@ class OnPolicyAlgorithm:
 
     algo: ClassVar[str] = ""
     config_class: ClassVar[type[OnPolicyConfig]] = OnPolicyConfig
+    share_encoder: ClassVar[bool] = True
+    """Whether actor and critic share one encoder of image/Dict observations (TRPO: no)."""
 
     def __init__(self, config: OnPolicyConfig | None = None, *, reward_fn: RewardFn | None = None,
                  rollout_callback: RolloutCallback | None = None, **overrides: Any) -> None:
@@ -89,9 +116,12 @@ class OnPolicyAlgorithm:
         self.iteration = 0
         self.generator = torch.Generator().manual_seed(config.seed)
         self.policy: ActorCritic | None = None
-        self.observation_space: gym.spaces.Box | None = None
+        self.observation_space: gym.Space | None = None
         self.action_space: gym.Space | None = None
-        self.obs_norm: ObsNormalizer | None = None
+        self.obs_layout: ObsLayout | None = None  # None: a flat Box observation, an array
+        self._game_scores = False  # episodes and returns come from the Atari score wrapper
+        self._to_env_action: Any = None  # sampled action -> env action, where they differ
+        self.obs_norm: ObsNormalizer | PartsNormalizer | None = None
         self.reward_norm: RewardNormalizer | None = None
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         # Where the environments stand between learn() calls (and across save/load).
@@ -130,16 +160,30 @@ class OnPolicyAlgorithm:
         pass
 
     # ------------------------------------------------------------------ setup
-    def _setup_model(self, observation_space: gym.spaces.Box, action_space: gym.Space) -> None:
-        """Build policy, normalisers and optimisers the first time the spaces are known."""
+    def _setup_model(self, observation_space: gym.Space, action_space: gym.Space) -> None:
+        """Build policy, normalisers and optimisers the first time the spaces are known.
+
+        A flat Box observation with Discrete or Box actions gets the MLP :class:`ActorCritic`
+        (NumPy rollout actor, fused update); every other combination the
+        :class:`EncoderActorCritic` over the observation's parts.
+        """
         cfg = self.config
         self.observation_space, self.action_space = observation_space, action_space
+        simple = is_flat_box(observation_space) and action_kind(action_space) in ("discrete", "box")
+        self.obs_layout = None if simple else ObsLayout(observation_space)
         # Initialise from the config's seed without disturbing the caller's global torch RNG.
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
-            self.policy = ActorCritic(int(observation_space.shape[0]), action_space, cfg.hidden_sizes,
-                                      cfg.activation, cfg.ortho_init, cfg.log_std_init)
-        self.obs_norm = ObsNormalizer(observation_space.shape, cfg.norm_obs, cfg.clip_obs)
+            if self.obs_layout is None:
+                self.policy = ActorCritic(int(observation_space.shape[0]), action_space, cfg.hidden_sizes,
+                                          cfg.activation, cfg.ortho_init, cfg.log_std_init)
+            else:
+                self.policy = EncoderActorCritic(self.obs_layout, action_space, cfg.hidden_sizes, cfg.activation,
+                                                 cfg.ortho_init, cfg.log_std_init, cfg.cnn, cfg.cnn_features,
+                                                 self.share_encoder)
+        self._to_env_action = _env_action_fn(action_space)
+        self.obs_norm = ObsNormalizer(observation_space.shape, cfg.norm_obs, cfg.clip_obs) \
+            if self.obs_layout is None else PartsNormalizer(self.obs_layout, cfg.norm_obs, cfg.clip_obs)
         self.reward_norm = RewardNormalizer(cfg.n_envs, cfg.gamma, cfg.norm_reward, cfg.clip_reward)
         self.optimizers = self._build_optimizers()
 
@@ -149,8 +193,11 @@ class OnPolicyAlgorithm:
             self._setup_model(obs_space, act_space)
             return
         assert self.observation_space is not None
-        if obs_space.shape != self.observation_space.shape or _space_to_dict(act_space) != _space_to_dict(
-                self.action_space):
+        if self.obs_layout is None:
+            same_obs = obs_space.shape == self.observation_space.shape
+        else:
+            same_obs = repr(ObsLayout(obs_space)) == repr(self.obs_layout)
+        if not same_obs or space_to_dict(act_space) != space_to_dict(self.action_space):
             raise EnvError(f"environment spaces {obs_space}, {act_space} differ from the model's "
                            f"{self.observation_space}, {self.action_space}")
 
@@ -161,7 +208,9 @@ class OnPolicyAlgorithm:
         continuing = self._raw_obs is not None
         if continuing and isinstance(source, str) and self._env_snapshot is not None and cfg.vec_env == "sync":
             sub_envs = restore_envs(self._env_snapshot)
-        envs, owned = make_vec_env(source, cfg.n_envs, cfg.vec_env, sub_envs, env_module=cfg.env_module)
+        envs, owned = make_vec_env(source, cfg.n_envs, cfg.vec_env, sub_envs, env_module=cfg.env_module,
+                                   atari_wrappers=cfg.atari)
+        self._game_scores = owned and uses_atari_wrappers(source, cfg.atari)
         try:
             self._check_spaces(envs)
         except Exception:
@@ -176,6 +225,8 @@ class OnPolicyAlgorithm:
         # A fresh start, or a resume without an env snapshot: new seeds so episodes differ.
         raw_obs, _ = envs.reset(seed=cfg.seed + self.global_step)
         assert self.obs_norm is not None
+        if self.obs_layout is not None:
+            raw_obs = self.obs_layout.split(raw_obs)
         self._raw_obs = raw_obs
         self._obs = self.obs_norm(raw_obs, update=True)
         self._ep_return = np.zeros(cfg.n_envs, np.float64)
@@ -245,7 +296,7 @@ class OnPolicyAlgorithm:
             bar = tqdm(total=end, initial=self.global_step, unit="step", dynamic_ncols=True,
                        disable=not progress or not sys.stderr.isatty(), desc=f"{self.algo} {cfg.env}")
             buffer = RolloutBuffer(cfg.n_steps, cfg.n_envs, self.observation_space.shape,
-                                   self.action_space.shape, self.policy.discrete)
+                                   self.action_space.shape, self.policy.discrete, self.obs_layout)
             start_time, start_step = time.perf_counter(), self.global_step
             last_drawn = start_time
             next_checkpoint = (self.global_step // cfg.checkpoint_every + 1) * cfg.checkpoint_every \
@@ -366,24 +417,33 @@ class OnPolicyAlgorithm:
         cfg, policy = self.config, self.policy
         assert policy is not None and self.obs_norm is not None and self.reward_norm is not None
         box = None if policy.discrete else self.action_space
+        layout, to_env = self.obs_layout, self._to_env_action
         obs, raw_obs = self._obs, self._raw_obs
         ep_return, ep_length = self._ep_return, self._ep_length
-        finals: list[tuple[int, np.ndarray, np.ndarray]] = []  # (t, env indices, normalised final obs)
+        finals: list[tuple[int, np.ndarray, Any]] = []  # (t, env indices, normalised final obs)
         start_step = self.global_step
         if callback is not None:
             callback.on_rollout_start()  # before the noise is drawn: a checkpoint saved here resumes exactly
         # All sampling noise at once: one generator call per rollout instead of one per step.
         noise = policy.noise((cfg.n_steps, cfg.n_envs), self.generator).numpy()
-        actor = NumpyActor(policy)  # acting on a few rows: NumPy's per-op cost is a fifth of torch's
+        actor = policy.rollout_actor()  # for an MLP NumPy: on a few rows its per-op cost is a fifth of torch's
         with torch.inference_mode():
             for t in range(cfg.n_steps):
                 action_np, logp = actor.act(obs, noise[t])
                 # Gaussian samples are unbounded; the env gets them clipped, the buffer keeps the
                 # sample so its log-probability stays exact (as SB3 does).
                 env_action = action_np if box is None else np.minimum(np.maximum(action_np, box.low), box.high)
+                if to_env is not None:
+                    env_action = to_env(env_action)
                 next_raw, reward, terminated, truncated, info = envs.step(env_action)
-                buffer.obs[t] = obs
-                buffer.raw_obs[t] = raw_obs
+                if layout is None:
+                    buffer.obs[t] = obs
+                    buffer.raw_obs[t] = raw_obs
+                else:
+                    buffer.store_obs(t, obs, raw_obs)
+                    next_raw = layout.split(next_raw)
+                    if actor.value is not None:  # V(s_t) from the acting forward (shared encoder)
+                        buffer.values[t] = actor.value
                 buffer.actions[t] = action_np
                 buffer.env_actions[t] = env_action
                 buffer.logp[t] = logp
@@ -401,25 +461,39 @@ class OnPolicyAlgorithm:
                     # VecNormalize does for its terminal observations.
                     cut = np.flatnonzero(truncated & ~terminated)
                     if cut.size:
-                        finals.append((t, cut, self.obs_norm(np.stack([info["final_obs"][i] for i in cut]))))
-                    for i in np.flatnonzero(done):
-                        self._finished_returns.append(float(ep_return[i]))
-                        self._finished_lengths.append(int(ep_length[i]))
-                        self._all_returns.append(float(ep_return[i]))
-                    self.episodes += int(done.sum())
+                        final = [info["final_obs"][i] for i in cut]
+                        finals.append((t, cut, self.obs_norm(np.stack(final) if layout is None else layout.stack(final))))
+                    ended = np.flatnonzero(done)
+                    scores, lengths = ep_return, ep_length
+                    if self._game_scores:  # Atari: whole games' unclipped scores, not the lives' clipped ones
+                        ended, scores, lengths = _game_over(info, ended)
+                    for i in ended:
+                        self._finished_returns.append(float(scores[i]))
+                        self._finished_lengths.append(int(lengths[i]))
+                        self._all_returns.append(float(scores[i]))
+                    self.episodes += len(ended)
                     ep_return[done] = 0.0
                     ep_length[done] = 0
                 if callback is not None:  # the one test a step pays without a callback
                     self._obs, self._raw_obs = obs, raw_obs
                     self.global_step = start_step + (t + 1) * cfg.n_envs
-                    callback.update_locals({"t": t, "obs": buffer.raw_obs[t], "actions": env_action,
+                    callback.update_locals({"t": t, "obs": tree_map(lambda x, t=t: x[t], buffer.raw_obs),
+                                            "actions": env_action,
                                             "new_obs": raw_obs, "rewards": reward, "terminated": terminated,
                                             "truncated": truncated, "dones": done, "infos": info})
                     if not callback.on_step():
                         return None
-            flat_obs = buffer.obs.reshape(cfg.rollout_size, -1)
-            rows = [flat_obs, obs] + [f[2] for f in finals]
-            values = policy.value(torch.from_numpy(np.concatenate(rows))).numpy()
+            if layout is None:
+                flat_obs = buffer.obs.reshape(cfg.rollout_size, -1)
+                rows = [flat_obs, obs] + [f[2] for f in finals]
+                values = policy.value(torch.from_numpy(np.concatenate(rows))).numpy()
+            else:
+                rest = self._values(tree_concat([obs] + [f[2] for f in finals]))
+                if actor.value is not None:
+                    values = np.concatenate([buffer.values.reshape(-1), rest])
+                else:
+                    flat_obs = tree_map(lambda x: x.reshape(cfg.rollout_size, *x.shape[2:]), buffer.obs)
+                    values = np.concatenate([self._values(flat_obs), rest])
         buffer.values[:] = values[:cfg.rollout_size].reshape(cfg.n_steps, cfg.n_envs)
         buffer.last_value[:] = values[cfg.rollout_size:cfg.rollout_size + cfg.n_envs]
         offset = cfg.rollout_size + cfg.n_envs
@@ -433,7 +507,7 @@ class OnPolicyAlgorithm:
         rewards = buffer.true_rewards
         if self.reward_fn is not None:
             flat = cfg.rollout_size
-            predicted = self.reward_fn(buffer.raw_obs.reshape(flat, *buffer.raw_obs.shape[2:]),
+            predicted = self.reward_fn(buffer.external_raw_obs((flat,)),
                                        buffer.env_actions.reshape(flat, *buffer.env_actions.shape[2:]))
             predicted = np.asarray(predicted, np.float32)
             if predicted.shape not in ((flat,), (flat, 1)):
@@ -444,24 +518,40 @@ class OnPolicyAlgorithm:
         rewards = self.reward_norm(rewards, buffer.terminated | buffer.truncated)
         return buffer.compute_batch(rewards, cfg.gamma, cfg.gae_lambda)
 
+    def _values(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """V(s) of a parts batch, in chunks of :data:`VALUE_CHUNK` rows (inside ``inference_mode``)."""
+        n = tree_len(obs)
+        out = [self.policy.value(tree_map(lambda x, s=s: torch.from_numpy(x[s:s + VALUE_CHUNK]), obs)).numpy()
+               for s in range(0, n, VALUE_CHUNK)]
+        return np.concatenate(out)
+
     # ------------------------------------------------------------------ inference
-    def predict(self, obs: np.ndarray, deterministic: bool = True, *,
+    def predict(self, obs: Any, deterministic: bool = True, *,
                 generator: torch.Generator | None = None) -> np.ndarray:
         """Actions for raw observations ``[obs_dim]`` or ``[B, obs_dim]`` (normalised with the
         saved statistics, frozen); Box actions come back clipped to the action space.
 
-        Stochastic actions draw from ``generator`` (default the model's own, which training uses).
+        Image, Dict and Tuple observations are passed as the env returns them (one, or a batch
+        as a vector env returns them). Stochastic actions draw from ``generator`` (default the
+        model's own, which training uses).
         """
         if self.policy is None or self.obs_norm is None:
             raise CheckpointError("predict needs a trained or loaded model; call learn() or load() first")
-        obs = self._check_obs(obs)
-        single = obs.ndim == len(self.observation_space.shape)
-        norm = self.obs_norm(obs[None] if single else obs)
+        if self.obs_layout is None:
+            obs = self._check_obs(obs)
+            single = obs.ndim == len(self.observation_space.shape)
+            norm = self.obs_norm(obs[None] if single else obs)
+            torch_obs = torch.from_numpy(norm)
+        else:
+            parts, single = self.obs_layout.check(obs, "predict")
+            torch_obs = tree_map(torch.from_numpy, self.obs_norm(parts))
         with torch.inference_mode():
-            noise = None if deterministic else self.policy.noise(norm.shape[:1], generator or self.generator)
-            action = self.policy.act(torch.from_numpy(norm), noise)[0].numpy()
+            noise = None if deterministic else self.policy.noise((tree_len(torch_obs),), generator or self.generator)
+            action = self.policy.act(torch_obs, noise)[0].numpy()
         if not self.policy.discrete:
             action = np.clip(action, self.action_space.low, self.action_space.high)
+        if self._to_env_action is not None:
+            action = self._to_env_action(action)
         return action[0] if single else action
 
     def _check_obs(self, obs: Any) -> np.ndarray:
@@ -499,8 +589,9 @@ class OnPolicyAlgorithm:
         return {
             "algo": self.algo,
             "config": config_to_dict(self.config),
-            "spaces": {"observation_shape": list(self.observation_space.shape),
-                       "action": _space_to_dict(self.action_space)},
+            "spaces": {"observation_shape": list(self.observation_space.shape or ()),
+                       "observation": space_to_dict(self.observation_space),
+                       "action": space_to_dict(self.action_space)},
             "policy": self.policy.state_dict(),
             "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
             "obs_norm": self.obs_norm.state_dict(),
@@ -544,8 +635,10 @@ class OnPolicyAlgorithm:
                                   f"(palate.rl.{state['algo'].upper()}.load)")
         config = config_from_dict(cls.config_class, state["config"], source=source)
         model = cls(config, **kwargs)
-        obs_space = gym.spaces.Box(-np.inf, np.inf, tuple(state["spaces"]["observation_shape"]), np.float32)
-        model._setup_model(obs_space, _space_from_dict(state["spaces"]["action"]))
+        spaces = state["spaces"]
+        obs_space = space_from_dict(spaces["observation"]) if "observation" in spaces else \
+            gym.spaces.Box(-np.inf, np.inf, tuple(spaces["observation_shape"]), np.float32)
+        model._setup_model(obs_space, space_from_dict(spaces["action"]))
         model.policy.load_state_dict(state["policy"])
         for name, opt in model.optimizers.items():
             model._load_optimizer_state(name, opt, state["optimizers"][name])

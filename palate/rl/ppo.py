@@ -20,8 +20,9 @@ from palate.core.ppo import AdaptiveKLPenalty, clipped_surrogate_loss, kl_penalt
 from palate.core.stats import clip_grad_norm, explained_variance, whiten
 from palate.rl.buffer import Batch
 from palate.rl.config import PPOConfig
-from palate.rl.fused import FlatParameters, FusedClipStep, adam_step, load_flat_optimizer_state
+from palate.rl.fused import FlatBuffer, FlatParameters, FusedClipStep, adam_step, load_flat_optimizer_state
 from palate.rl.on_policy import OnPolicyAlgorithm
+from palate.rl.policies import EncoderActorCritic
 
 
 class PPO(OnPolicyAlgorithm):
@@ -45,10 +46,14 @@ class PPO(OnPolicyAlgorithm):
     def _build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         # One flat buffer for all parameters (palate.rl.fused): Adam is then seven ops on one tensor
         # and gradient clipping two; the hand-derived step writes its gradient there.
-        self.flat = FlatParameters(self.policy)
         self.fused_step = None
-        if self.config.fused_update and self.config.loss == "clip" and self.config.clip_range_vf is None \
-                and FusedClipStep.supports(self.policy):
+        if isinstance(self.policy, EncoderActorCritic):  # a CNN / parts encoder: autograd, still one flat Adam
+            self.flat: FlatBuffer = FlatBuffer(list(self.policy.parameters()))
+        else:
+            self.flat = FlatParameters(self.policy)
+        cfg = self.config
+        if isinstance(self.flat, FlatParameters) and cfg.fused_update and cfg.loss == "clip" \
+                and cfg.clip_range_vf is None and FusedClipStep.supports(self.policy):
             self.fused_step = FusedClipStep(self.flat)
         # eps=1e-5 as in CleanRL and SB3 (the PyTorch default 1e-8 is less stable here).
         # Its state is stepped by palate.rl.fused.adam_step (the same update, less overhead).
@@ -95,9 +100,8 @@ class PPO(OnPolicyAlgorithm):
                     if cfg.ent_coef != 0.0:
                         stats["entropy"].append(entropy)
                 else:
-                    dist = policy.distribution(mb.obs)
+                    dist, values = policy.distribution_and_value(mb.obs)
                     logp = dist.log_prob(mb.actions)
-                    values = policy.value(mb.obs)
                     if old_dist is None:
                         pg_loss, pg_stats = clipped_surrogate_loss(logp, mb.logp, advantages, clip_range)
                     else:

@@ -32,6 +32,8 @@ from palate.rl.buffer import Batch
 from palate.rl.config import TRPOConfig
 from palate.rl.fused import FlatBuffer, FusedValueStep, adam_step, load_flat_optimizer_state
 from palate.rl.on_policy import OnPolicyAlgorithm
+from palate.rl.policies import EncoderActorCritic
+from palate.rl.spaces import tree_map
 
 
 class TRPO(OnPolicyAlgorithm):
@@ -46,6 +48,7 @@ class TRPO(OnPolicyAlgorithm):
     algo = "trpo"
     config_class = TRPOConfig
     config: TRPOConfig
+    share_encoder = False  # the trust region constrains the actor alone; the critic fits its own encoder
 
     def __init__(self, config: TRPOConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
@@ -56,7 +59,10 @@ class TRPO(OnPolicyAlgorithm):
         # The critic's parameters in one flat buffer with hand-derived gradients and a lean Adam
         # (palate.rl.fused): hundreds of small minibatch steps per rollout, same numbers.
         self.critic_flat = FlatBuffer(self.policy.critic_parameters())
-        self.value_step = FusedValueStep(self.policy.critic, self.critic_flat)
+        if isinstance(self.policy, EncoderActorCritic):
+            self.value_step = self._autograd_value_step
+        else:
+            self.value_step = FusedValueStep(self.policy.critic, self.critic_flat)
         return {"critic": torch.optim.Adam([self.critic_flat.param], lr=self.config.vf_lr)}
 
     def _load_optimizer_state(self, name: str, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -131,12 +137,20 @@ class TRPO(OnPolicyAlgorithm):
         losses = []
         for _epoch in range(cfg.vf_iters):
             order = torch.randperm(len(batch), generator=self.generator)
-            obs, returns = batch.obs[order], batch.returns[order]  # shuffled once; minibatches are views
+            # Shuffled once; minibatches are views.
+            obs, returns = tree_map(lambda x, o=order: x[o], batch.obs), batch.returns[order]
             for start in range(0, len(batch), cfg.batch_size):
                 end = start + cfg.batch_size
-                losses.append(self.value_step(obs[start:end], returns[start:end]))
+                losses.append(self.value_step(tree_map(lambda x, s=start, e=end: x[s:e], obs), returns[start:end]))
                 adam_step(optimizer, self.critic_flat)
         return torch.stack(losses).mean().item()
+
+    def _autograd_value_step(self, obs: dict[str, torch.Tensor], returns: torch.Tensor) -> torch.Tensor:
+        """:class:`FusedValueStep`'s job for a critic with an encoder (no hand-derived CNN gradient)."""
+        loss = 0.5 * (self.policy.value(obs) - returns).pow(2).mean()
+        self.critic_flat.zero_grad()
+        loss.backward()
+        return loss.detach()
 
     def _algo_state(self) -> dict[str, Any]:
         return {"line_search_attempts": self.line_search_attempts,

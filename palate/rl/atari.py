@@ -1,0 +1,161 @@
+"""Atari through ``ale-py`` with the standard DeepMind preprocessing, as rl-baselines3-zoo runs it.
+
+The wrappers, innermost first, and why each is there:
+
+* the ALE env with ``frameskip=1`` (a ``v5`` id skips 4 frames itself, which would stack with
+  the preprocessing's skip), keeping the id's own sticky-action setting;
+* gymnasium's ``AtariPreprocessing``: up to 30 no-op actions at reset (varied starts), frame
+  skip 4 with the max over the last two frames (the ALE flickers), 84 x 84 grey uint8;
+* gymnasium's ``RecordEpisodeStatistics``: the *game's* score and length, before anything below
+  changes rewards or episode boundaries; palate reports its ``info["episode"]`` as
+  ``charts/episodic_return``, so the chart shows the real, unclipped score of whole games;
+* for training only, :class:`EpisodicLife` (a lost life ends the learner's episode, so the
+  value of dying is learnt, while the game itself goes on) and the sign of the reward (scores of
+  every game on one scale);
+* :class:`FireReset` for games that wait for FIRE after a reset (and, in evaluation, after a
+  lost life);
+* gymnasium's ``FrameStackObservation`` of 4: motion, as a ``4 x 84 x 84`` uint8 observation,
+  which the policy sees as a channels-first image (the Nature CNN).
+
+Evaluation (``palate rl eval``, ``eval_every``) builds the same stack without the training-only
+wrappers, so it plays and scores whole games.
+
+Gymnasium has no EpisodicLife or FireReset wrapper (its AtariPreprocessing's
+``terminal_on_life_loss`` resets the whole game at a lost life), hence the two small ones here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from palate.errors import EnvError
+
+FRAME_STACK = 4
+ATARI_INSTALL_HINT = "install ale-py (pip install 'palate[atari]'); its ROMs ship in the wheel"
+
+
+def register_ale() -> bool:
+    """Import ale_py so its ids (``ALE/Pong-v5``, ``PongNoFrameskip-v4``, ...) are registered; False if absent."""
+    try:
+        import ale_py
+    except ImportError:
+        return False
+    gym.register_envs(ale_py)
+    return True
+
+
+def looks_like_ale(env_id: str) -> bool:
+    """Ids ale-py would register: ``ALE/...``, and the v0/v4 ``...NoFrameskip-v4``/``...Deterministic-v4`` forms."""
+    return env_id.startswith("ALE/") or "NoFrameskip" in env_id or "Deterministic-v" in env_id
+
+
+def is_ale_id(env_id: str) -> bool:
+    """True for an id whose entry point is ale-py's AtariEnv (registering ale-py's ids first when installed)."""
+    if looks_like_ale(env_id) and env_id not in gym.envs.registry:
+        register_ale()
+    spec = gym.envs.registry.get(env_id)
+    return spec is not None and "ale_py" in str(spec.entry_point)
+
+
+class EpisodicLife(gym.Wrapper):
+    """A lost life terminates the learner's episode; the game resets only when it is really over.
+
+    ``reset`` after a life loss takes one no-op step instead of resetting the emulator, so the
+    next "episode" continues the same game (Mnih et al. 2015; SB3's EpisodicLifeEnv).
+    """
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self.lives = 0
+        self.game_over = True
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.game_over = terminated or truncated
+        lives = self.env.unwrapped.ale.lives()
+        if 0 < lives < self.lives:
+            terminated = True
+        self.lives = lives
+        return obs, reward, terminated, truncated, info
+
+    def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        if self.game_over:
+            obs, info = self.env.reset(**kwargs)
+        else:
+            obs, _reward, terminated, truncated, info = self.env.step(0)
+            if terminated or truncated:  # the no-op ended the game after all
+                obs, info = self.env.reset(**kwargs)
+        self.lives = self.env.unwrapped.ale.lives()
+        return obs, info
+
+
+class FireReset(gym.Wrapper):
+    """Press FIRE (then the next action, as SB3's FireResetEnv) after every reset, for games
+    that wait for it (Breakout would otherwise sit still until the agent learns to fire).
+
+    Args:
+        on_life_loss: also press FIRE after a lost life. For evaluation, which plays whole games
+            without :class:`EpisodicLife`: a deterministic policy that never fires would
+            otherwise wait out the time limit after its first lost life.
+    """
+
+    def __init__(self, env: gym.Env, on_life_loss: bool = False) -> None:
+        super().__init__(env)
+        self.on_life_loss = on_life_loss
+        self.lives = 0
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if self.on_life_loss:
+            lives = self.env.unwrapped.ale.lives()
+            if lives < self.lives and not (terminated or truncated):
+                obs, fire_reward, terminated, truncated, info = self.env.step(1)
+                reward += fire_reward
+            self.lives = lives
+        return obs, reward, terminated, truncated, info
+
+    def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        self.lives = self.env.unwrapped.ale.lives()
+        self.env.reset(**kwargs)
+        for action in (1, 2):
+            obs, _reward, terminated, truncated, info = self.env.step(action)
+            if terminated or truncated:
+                obs, info = self.env.reset(**kwargs)
+        self.lives = self.env.unwrapped.ale.lives()
+        return obs, info
+
+
+def wrap_atari(env: gym.Env, training: bool = True) -> gym.Env:
+    """The preprocessing of the module docstring around an ALE env made with ``frameskip=1``."""
+    if not hasattr(env.unwrapped, "ale"):
+        raise EnvError(f"atari preprocessing needs an ALE environment (ale-py), got {env.unwrapped}; "
+                       "set atari: false in the config for other environments")
+    env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84,
+                                          terminal_on_life_loss=False, grayscale_obs=True, scale_obs=False)
+    env = gym.wrappers.RecordEpisodeStatistics(env)
+    fire = "FIRE" in env.unwrapped.get_action_meanings()
+    if training:
+        env = EpisodicLife(env)
+        if fire:
+            env = FireReset(env)
+        env = gym.wrappers.TransformReward(env, lambda r: float(np.sign(r)))
+    elif fire:
+        env = FireReset(env, on_life_loss=True)
+    return gym.wrappers.FrameStackObservation(env, FRAME_STACK)
+
+
+def make_atari_env(env_id: str, render_mode: str | None = None, training: bool = True) -> gym.Env:
+    """``gym.make(env_id, frameskip=1)`` wrapped by :func:`wrap_atari`."""
+    if not register_ale():
+        raise EnvError(f"environment '{env_id}' needs ale-py; {ATARI_INSTALL_HINT}")
+    kwargs: dict[str, Any] = {"frameskip": 1}
+    if render_mode is not None:
+        kwargs["render_mode"] = render_mode
+    try:
+        env = gym.make(env_id, **kwargs)
+    except gym.error.Error as err:
+        raise EnvError(f"cannot build environment '{env_id}': {err}") from err
+    return wrap_atari(env, training)
