@@ -102,7 +102,7 @@ IMPORTS = {name: _imports(name) for name in MODULES}
 
 def _is_entry_point(module: str) -> bool:
     last = module.rpartition(".")[2]
-    is_cli = last == "cli" or last.startswith("cli_")  # palate/cli.py, palate/lm/cli_rl.py
+    is_cli = last == "cli" or last.startswith("cli_")  # palate/cli.py, palate/lm/cli.py
     return is_cli or module.split(".")[:2] == ["palate", "bench"]
 
 
@@ -115,7 +115,7 @@ def test_the_scan_sees_the_known_edges() -> None:
     # Guards the scanner itself: a bug that found no imports would pass every rule below.
     assert "palate.core.stats" in IMPORTS["palate.rl.ppo"][0]
     assert "palate.feedback.server" in IMPORTS["palate.feedback.cli"][1]
-    assert _is_entry_point("palate.lm.cli_rl") and _is_entry_point("palate.bench.rl")
+    assert _is_entry_point("palate.lm.cli") and _is_entry_point("palate.bench.rl")
     assert not _is_entry_point("palate.feedback.client")
 
 

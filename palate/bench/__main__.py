@@ -19,7 +19,7 @@ from palate.runs import atomic_write_text
 SUITES = {
     "rl": "palate.bench.rl",  # PPO/TRPO vs SB3 / sb3-contrib
     "prefs": "palate.bench.prefs",  # preference learning vs imitation
-    "lm-sft-rm": "palate.bench.lm_part1",  # SFT / reward model vs TRL
+    "lm-sft-rm": "palate.bench.lm_sft_rm",  # SFT / reward model vs TRL
     "lm-ppo": "palate.bench.lm_ppo",  # LM PPO vs TRL
     "feedback": "palate.bench.feedback_load",  # feedback service load test
     "atari": "palate.bench.atari",  # PPO on Breakout vs SB3 CnnPolicy (steps/s)

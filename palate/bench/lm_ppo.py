@@ -112,7 +112,7 @@ def export_reward_model_for_trl(rm_dir: Path, out: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from palate.lm.reward import load_reward_model
+    from palate.lm.reward_model import load_reward_model
 
     if (out / "config.json").is_file():
         return out
@@ -178,7 +178,7 @@ def arm_trl_ppo(work: Path, sft: str, rm_dir: str, s: dict[str, Any]) -> dict[st
     reward = AutoModelForSequenceClassification.from_pretrained(str(hf_rm), num_labels=1, dtype=torch.float32)
     if s["trainable_layers"]:
         # The same trainable set as palate's arm; HF's Trainer builds its optimiser from requires_grad.
-        from palate.lm.ppo import freeze_all_but_last_layers
+        from palate.lm.trainable import freeze_all_but_last_layers
 
         freeze_all_but_last_layers(policy, s["trainable_layers"])
         freeze_all_but_last_layers(value, s["trainable_layers"])
@@ -218,7 +218,7 @@ def arm_trl_rloo(work: Path, sft: str, rm_dir: str, s: dict[str, Any]) -> dict[s
     export the trl-ppo arm needs: RLOO scores ``prompt + completion`` as one string with no EOS, and with
     SmolLM2's pad token = EOS the HF head would read the last text token, while palate's RM was trained
     on, and palate's arm and the common evaluation score at, the EOS that
-    :meth:`~palate.lm.reward.RewardModel.score_texts` appends. The function gives RLOO exactly their score.
+    :meth:`~palate.lm.reward_model.RewardModel.score_texts` appends. The function gives RLOO exactly their score.
     """
     import torch
     from datasets import Dataset
@@ -226,8 +226,8 @@ def arm_trl_rloo(work: Path, sft: str, rm_dir: str, s: dict[str, Any]) -> dict[s
     from trl import RLOOConfig, RLOOTrainer
 
     from palate.data.tasks import load_task
-    from palate.lm.ppo import freeze_all_but_last_layers
-    from palate.lm.reward import RewardModel
+    from palate.lm.reward_model import RewardModel
+    from palate.lm.trainable import freeze_all_but_last_layers
 
     tok = AutoTokenizer.from_pretrained(sft, padding_side="left")
     if tok.pad_token is None:
@@ -294,7 +294,7 @@ def evaluate_arm(model_dir: str, sft: str, rm_dir: str, settings: dict[str, Any]
     from palate.lm.evaluate import evaluate_models
     from palate.lm.formatting import encode_prompt_completion
     from palate.lm.models import load_model
-    from palate.lm.reward import RewardModel
+    from palate.lm.reward_model import RewardModel
 
     s = settings or SETTINGS
     task = load_task("sentiment")

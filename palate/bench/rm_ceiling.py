@@ -1,6 +1,6 @@
 """Diagnostic: how much held-out accuracy do a task's comparisons allow a reward model?
 
-The reward-model benchmark (:mod:`palate.bench.lm_part1`) asks for 75% accuracy on the held-out
+The reward-model benchmark (:mod:`palate.bench.lm_sft_rm`) asks for 75% accuracy on the held-out
 labeller's ``sentiment`` judgements. This script measures what bounds that figure, on the same
 comparison files, without training the transformer:
 

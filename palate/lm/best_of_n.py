@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from palate.lm.rl_configs import BestOfNConfig
+from palate.lm.config import BestOfNConfig
 from palate.runs import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
     from palate.lm.evaluate import sample_batches
     from palate.lm.formatting import encode_prompt_completion
     from palate.lm.models import load_model
-    from palate.lm.reward import RewardModel
+    from palate.lm.reward_model import RewardModel
     from palate.runs import seed_everything
 
     cfg.validate()

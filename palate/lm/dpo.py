@@ -18,7 +18,7 @@ What this trainer does, top to bottom:
 * The reference pi_ref is frozen, so its log-probabilities are computed once, up front, without
   gradients, and cached; each step runs only the policy. When pi_ref is the starting model (the
   default), the policy itself computes them before its first update and no second model is loaded.
-* ``trainable_layers: N`` trains only the last N blocks (:func:`palate.lm.ppo.freeze_all_but_last_layers`).
+* ``trainable_layers: N`` trains only the last N blocks (:func:`palate.lm.trainable.freeze_all_but_last_layers`).
   The lower blocks are then a fixed function of the tokens, so the same up-front pass also keeps
   the hidden state entering the first trained block (:mod:`palate.lm.prefix`), and every step
   and validation runs only the top N blocks from it.
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from palate.errors import ConfigError
-from palate.lm.configs import DPOConfig
+from palate.lm.config import DPOConfig
 from palate.lm.formatting import encode_prompt_completion, pad_batch, position_ids_from_mask
 
 log = logging.getLogger(__name__)
@@ -239,9 +239,9 @@ def train_dpo(cfg: DPOConfig) -> Path:
     from palate.data.formats import read_comparisons
     from palate.data.tasks import load_task
     from palate.lm.models import load_model
-    from palate.lm.ppo import freeze_all_but_last_layers
     from palate.lm.prefix import prefix_equal
     from palate.lm.sft import save_causal_lm
+    from palate.lm.trainable import freeze_all_but_last_layers
     from palate.lm.training import (
         TrainLoop,
         make_loader,

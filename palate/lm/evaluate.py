@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from palate.errors import CheckpointError
+from palate.lm.config import EvalConfig
 from palate.lm.generation import decode_responses, response_logprobs, sample
-from palate.lm.rl_configs import EvalConfig
 from palate.runs import atomic_write_json, read_run_config, seed_everything
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         blocks = blocks[: cfg.max_ppl_blocks]
     extra = {}
     if cfg.reward_model:
-        from palate.lm.reward import RewardModel
+        from palate.lm.reward_model import RewardModel
 
         rm = RewardModel.from_pretrained(cfg.reward_model, device=device)
         extra["rm_score"] = lambda p, c: rm.score_texts(list(p), list(c), tokenizer, batch_size=16)

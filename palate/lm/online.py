@@ -74,7 +74,7 @@ class OnlineCollector:
     """Collects comparisons from the current policy and retrains the reward model in place.
 
     Args:
-        reward_model: a :class:`palate.lm.reward.RewardModel`; updated in place, so the PPO
+        reward_model: a :class:`palate.lm.reward_model.RewardModel`; updated in place, so the PPO
             trainer's scorer sees the retrained model from the next rollout on.
         tokenizer: the policy's (and reward model's) tokenizer.
         labeller: a :class:`RankingLabeller`.

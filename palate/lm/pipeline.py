@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from palate.config import config_from_dict, config_to_dict
-from palate.lm.rl_configs import PipelineConfig
+from palate.lm.config import PipelineConfig
 from palate.runs import atomic_write_json, read_run_config
 
 log = logging.getLogger(__name__)

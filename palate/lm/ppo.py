@@ -20,7 +20,6 @@ reward model (InstructGPT, appendix C.3), so its first predictions are already c
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import time
@@ -38,30 +37,29 @@ from palate.core.kl import AdaptiveKLController, FixedKLController, kl_shaped_re
 from palate.core.ppo import clipped_surrogate_loss, value_loss
 from palate.core.stats import masked_mean, whiten
 from palate.errors import CheckpointError, ConfigError
+from palate.lm.config import LMPPOConfig
 from palate.lm.generation import (
     RolloutBatch,
     SampleTrace,
     contiguous_head_input,
     decode_responses,
-    keep_response_logits,
     logits_to_logprobs,
-    position_ids_from_mask,
     sample,
     sample_traced,
-    take_response_logits,
 )
-from palate.lm.prefix import (
-    decoder_base,
-    forward_capture,
-    forward_suffix,
-    prefix_equal,
-    prefix_frozen,
-    suffix_matches,
+from palate.lm.pretrain_text import PretrainBatches
+from palate.lm.rollout import (
+    PromptSampler,
+    Rollout,
+    ScoreFn,
+    forward_rollout,
+    make_score_fn,
+    setup_prefix_cache,
 )
-from palate.lm.pretrain_text import PretrainBatches, lm_nll
-from palate.lm.rl_configs import LMPPOConfig
 from palate.lm.sft import save_causal_lm
+from palate.lm.trainable import freeze_all_but_last_layers, lora_config, make_trainable
 from palate.lm.training import adamw, reset_accelerator_settings
+from palate.lm.value import PolicyAndValue, ValueModel, fold_normalisation
 from palate.runs import (
     MetricsLogger,
     atomic_torch_save,
@@ -73,195 +71,12 @@ from palate.runs import (
     truncate_metrics,
 )
 
+# Where users import the PPO parts from (the tests and scripts/gpu do).
+__all__ = ["LMPPOConfig", "LMPPOTrainer", "PolicyAndValue", "PromptSampler", "Rollout", "ScoreFn", "ValueModel",
+           "build_trainer", "fold_normalisation", "freeze_all_but_last_layers", "lora_config", "make_score_fn",
+           "read_metrics", "train_ppo"]
+
 log = logging.getLogger(__name__)
-
-ScoreFn = Callable[[Sequence[str], Sequence[str]], Any]
-"""``score_fn(prompts, completions) -> [B]`` scores (a reward model or a reward function)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Value model
-
-
-class ValueModel(nn.Module):
-    """V(x, y_<t): a transformer backbone with a scalar head read at every position.
-
-    The same shape as :class:`palate.lm.reward.RewardModel` (backbone + ``nn.Linear(hidden, 1)``),
-    so it can start as a copy of the reward model: InstructGPT initialises the value function
-    from the RM, which makes the first advantages meaningful instead of noise.
-    """
-
-    def __init__(self, backbone: nn.Module, head: nn.Linear) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
-                start: int = 0) -> torch.Tensor:
-        """``[B, L]`` values; with ``prefix`` (the hidden state entering block ``start``, see
-        :mod:`palate.lm.prefix`) only blocks ``start..`` run."""
-        if position_ids is None:
-            position_ids = position_ids_from_mask(attention_mask)
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        out = self.backbone(**inputs) if prefix is None else forward_suffix(self.backbone, prefix, start, **inputs)
-        return self.head(out.last_hidden_state.to(self.head.weight.dtype)).squeeze(-1)
-
-    def forward_capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                        start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(values, hidden state entering block start)`` from one full forward."""
-        out, hidden = forward_capture(self.backbone, start, input_ids=input_ids, attention_mask=attention_mask,
-                                      position_ids=position_ids, use_cache=False)
-        return self.head(out.last_hidden_state.to(self.head.weight.dtype)).squeeze(-1), hidden
-
-    @classmethod
-    def from_causal_lm(cls, model: nn.Module) -> ValueModel:
-        """A copy of the LM's backbone with a zero head (V = 0 everywhere at the start)."""
-        base = getattr(model, model.base_model_prefix)
-        head = nn.Linear(model.config.hidden_size, 1)
-        nn.init.zeros_(head.weight)
-        nn.init.zeros_(head.bias)
-        return cls(copy.deepcopy(base), head.to(next(base.parameters()).dtype))
-
-    @classmethod
-    def from_reward_model(cls, reward_model: nn.Module) -> ValueModel:
-        """A copy of the RM whose head folds in its normalisation: V(x, y) == RM(x, y) at the end.
-
-        An ensemble's heads fold into their mean; a mean-pooled RM's head, read here at every
-        position, is a start that already knows what the labellers like, not V itself.
-        """
-        if callable(getattr(reward_model, "folded_head", None)):
-            return cls(copy.deepcopy(reward_model.backbone), reward_model.folded_head())
-        head = copy.deepcopy(reward_model.head)
-        gain, bias = fold_normalisation(reward_model)
-        with torch.no_grad():
-            head.weight.mul_(gain)
-            head.bias.mul_(gain).add_(bias)
-        return cls(copy.deepcopy(reward_model.backbone), head)
-
-
-def fold_normalisation(reward_model: nn.Module) -> tuple[float, float]:
-    """``(a, c)`` such that the RM's normalised score is ``a * raw + c``.
-
-    Read off the RM itself, by normalising raw scores 0 and 1, so this stays right whatever form
-    the RM's ``gain``/``bias`` buffers take.
-    """
-    normalise = getattr(reward_model, "normalise", None)
-    if callable(normalise):
-        zero, one = (float(normalise(torch.tensor([v]))[0]) for v in (0.0, 1.0))
-        return one - zero, zero
-    return float(reward_model.gain), float(reward_model.bias)
-
-
-class PolicyAndValue(nn.Module):
-    """Both trained networks behind one ``forward``, so ``accelerate`` wraps (and syncs) them once."""
-
-    def __init__(self, policy: nn.Module, value: ValueModel) -> None:
-        super().__init__()
-        self.policy = policy
-        self.value = value
-        # First trained block of each network when the frozen-prefix cache is on (0 = off).
-        self.policy_start = 0
-        self.value_start = 0
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int,
-                ptx_ids: torch.Tensor | None = None, policy_prefix: torch.Tensor | None = None,
-                value_prefix: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(response logits [B,R,V], values [B,R], ptx NLL or None)``.
-
-        ``policy_prefix`` / ``value_prefix``: cached hidden states entering the first trained
-        block (:mod:`palate.lm.prefix`); the frozen blocks below are then not run again.
-        """
-        position_ids = position_ids_from_mask(attention_mask)
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        r = input_ids.shape[1] - query_len
-        keep = keep_response_logits(self.policy, r)
-        if policy_prefix is None:
-            out = self.policy(**inputs, **keep)
-        else:
-            out = forward_suffix(self.policy, policy_prefix, self.policy_start, **inputs, **keep)
-        logits = take_response_logits(out.logits, r)
-        values = self.value(input_ids, attention_mask, position_ids, value_prefix,
-                            self.value_start)[:, query_len - 1:-1]
-        ptx = lm_nll(self.policy, ptx_ids) if ptx_ids is not None else None
-        return logits, values, ptx
-
-
-def freeze_all_but_last_layers(model: nn.Module, n_layers: int) -> None:
-    """Train only the last ``n_layers`` transformer blocks and the final norm.
-
-    On a CPU this is the cheapest honest fine-tune: the backward pass stops at the first trained
-    block, so an update costs a fraction of a full one, unlike LoRA whose backward crosses every
-    layer. Embeddings (tied to the LM head in SmolLM2) stay frozen.
-    """
-    if n_layers <= 0:
-        return
-    base = getattr(model, model.base_model_prefix, model)
-    layers = base.layers
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for layer in list(layers)[-n_layers:]:
-        for p in layer.parameters():
-            p.requires_grad_(True)
-    for p in base.norm.parameters():
-        p.requires_grad_(True)
-
-
-def _lora(r: int, alpha: int, task_type: str | None) -> Any:
-    from peft import LoraConfig
-
-    # No adapter dropout: PPO's first-epoch ratio must be exactly 1 for the surrogate to be right.
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none", task_type=task_type,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-
-
-# --------------------------------------------------------------------------------------------
-# Rollout buffer
-
-
-@dataclasses.dataclass
-class Rollout:
-    """One PPO batch: tokens, rollout-time log-probs, values, shaped rewards, advantages, returns."""
-
-    batch: RolloutBatch
-    prompts: list[str]
-    completions: list[str]
-    scores: torch.Tensor
-    logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
-    entropy: torch.Tensor
-    rewards: torch.Tensor
-    kl: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-    # Hidden states entering the first trained block (frozen-prefix cache), or None.
-    policy_prefix: torch.Tensor | None = None
-    value_prefix: torch.Tensor | None = None
-
-
-class PromptSampler:
-    """Seeded epochs over the prompt list: each epoch a fresh permutation; state is checkpointed."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n = n
-        self.rng = np.random.default_rng(seed)
-        self.queue: list[int] = []
-
-    def next(self, k: int) -> list[int]:
-        while len(self.queue) < k:
-            self.queue += self.rng.permutation(self.n).tolist()
-        out, self.queue = self.queue[:k], self.queue[k:]
-        return out
-
-    def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state, "queue": list(self.queue)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["rng"]
-        self.queue = list(state["queue"])
-
 
 # --------------------------------------------------------------------------------------------
 # Trainer
@@ -342,78 +157,14 @@ class LMPPOTrainer:
     # -- rollout ---------------------------------------------------------------------------
 
     def _setup_prefix_cache(self, trainable_layers: int) -> None:
-        """Turn the frozen-prefix cache on for each network whose lower blocks are frozen and whose
-        suffix forward reproduces its full forward (checked here, on this model)."""
-        net = self.unwrapped
-        vocab = int(getattr(net.policy.config, "vocab_size", 0) or len(self.tokenizer))
-        for name, module, output in (("policy", net.policy, "logits"), ("value", net.value.backbone, "last_hidden_state")):
-            base = decoder_base(module)
-            start = len(base.layers) - trainable_layers if base is not None else 0
-            if base is not None and prefix_frozen(module, start) and suffix_matches(module, start, vocab, self.device,
-                                                                                     output):
-                setattr(net, f"{name}_start", start)
-        if net.policy_start and self.reference is not None:
-            self.ref_shares_prefix = prefix_equal(net.policy, self.reference, net.policy_start)
-        log.info("frozen-prefix cache: policy from block %d, value from block %d, reference shares it: %s "
-                 "(0 = full passes)", net.policy_start, net.value_start, self.ref_shares_prefix)
+        vocab = int(getattr(self.unwrapped.policy.config, "vocab_size", 0) or len(self.tokenizer))
+        self.ref_shares_prefix = setup_prefix_cache(self.unwrapped, self.reference, vocab, trainable_layers,
+                                                    self.device)
 
-    @torch.no_grad()
     def _forward_rollout(self, batch: RolloutBatch, trace: SampleTrace | None = None) -> tuple[torch.Tensor | None, ...]:
-        """Rollout-time log pi, log rho, entropy, V and the cached prefixes, in chunks of
-        ``forward_batch_size``. With a generation ``trace`` log pi, the entropy and the policy's
-        prefix come from it and the policy is not run again."""
-        cfg, net = self.cfg, self.unwrapped
-        outs: list[tuple[torch.Tensor, ...]] = []
-        for start in range(0, len(batch), cfg.forward_batch_size):
-            rows = torch.arange(start, min(start + cfg.forward_batch_size, len(batch)))
-            mb = batch.select(rows).to(self.device)
-            p, r = mb.query_ids.shape[1], mb.response_ids.shape[1]
-            position_ids = position_ids_from_mask(mb.attention_mask)
-            inputs = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=position_ids,
-                          use_cache=False)
-            policy_prefix = value_prefix = None
-            if trace is not None:
-                logp, ent = trace.logprobs[rows].to(self.device), trace.entropy[rows].to(self.device)
-                if net.policy_start:
-                    assert trace.hidden is not None
-                    policy_prefix = trace.hidden[rows].to(self.device)
-            else:
-                keep = keep_response_logits(net.policy, r)
-                if net.policy_start:
-                    out, policy_prefix = forward_capture(net.policy, net.policy_start, **inputs, **keep)
-                else:
-                    out = net.policy(**inputs, **keep)
-                logp, ent = logits_to_logprobs(take_response_logits(out.logits, r), mb.response_ids, cfg.temperature)
-                del out
-            if net.value_start:
-                values, value_prefix = net.value.forward_capture(mb.input_ids, mb.attention_mask, position_ids,
-                                                                 net.value_start)
-            else:
-                values = net.value(mb.input_ids, mb.attention_mask, position_ids)
-            values = values[:, p - 1:-1]
-            ref_logits = self._reference_logits(mb, policy_prefix)
-            ref_logp, _ = logits_to_logprobs(ref_logits, mb.response_ids, cfg.temperature)
-            del ref_logits
-            m = mb.response_mask.float()
-            outs.append((logp * m, ref_logp * m, ent * m, values.float() * m, policy_prefix, value_prefix))
-        return tuple(None if parts[0] is None else torch.cat(parts).cpu() for parts in zip(*outs))
-
-    def _reference_logits(self, mb: RolloutBatch, policy_prefix: torch.Tensor | None = None) -> torch.Tensor:
-        r = mb.response_ids.shape[1]
-        kwargs = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                      position_ids=position_ids_from_mask(mb.attention_mask), use_cache=False)
-        if self.reference is not None:
-            kwargs.update(keep_response_logits(self.reference, r))
-            if self.ref_shares_prefix and policy_prefix is not None:
-                # rho's lower blocks are the policy's frozen ones: start from the policy's prefix.
-                out = forward_suffix(self.reference, policy_prefix, self.unwrapped.policy_start, **kwargs)
-            else:
-                out = self.reference(**kwargs)
-            return take_response_logits(out.logits, r)
-        # LoRA: rho is the very same weights with the adapters switched off (no extra memory).
-        kwargs.update(keep_response_logits(self.unwrapped.policy, r))
-        with self.unwrapped.policy.disable_adapter():
-            return take_response_logits(self.unwrapped.policy(**kwargs).logits, r)
+        """:func:`palate.lm.rollout.forward_rollout` on this trainer's networks."""
+        return forward_rollout(self.unwrapped, self.reference, self.ref_shares_prefix, batch,
+                               self.cfg.forward_batch_size, self.cfg.temperature, self.device, trace)
 
     def rollout(self) -> Rollout:
         cfg = self.cfg
@@ -695,25 +446,6 @@ def load_ptx_blocks(cfg: LMPPOConfig, tokenizer) -> torch.Tensor | None:
     return pack_tokens(tokenizer, train_docs, cfg.ptx_block_size)
 
 
-def make_score_fn(cfg: LMPPOConfig, tokenizer, device: str) -> tuple[ScoreFn, nn.Module | None]:
-    """``(score_fn, reward_model or None)`` from ``reward_model`` or ``reward_fn``."""
-    if cfg.reward_model:
-        from palate.lm.reward import RewardModel
-
-        rm = RewardModel.from_pretrained(cfg.reward_model, dtype=cfg.dtype, device=device)
-        rm.eval()
-        rm.requires_grad_(False)
-
-        def score_rm(prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
-            return rm.score_texts(list(prompts), list(completions), tokenizer, batch_size=cfg.forward_batch_size)
-
-        return score_rm, rm
-    from palate.data.tasks import load_task
-
-    task = load_task(cfg.reward_fn)
-    return (lambda p, c: task.reward_fn(list(p), list(c))), None
-
-
 def build_trainer(cfg: LMPPOConfig) -> LMPPOTrainer:
     """Load models, task and reward for ``cfg`` and return a ready trainer."""
     from palate.data.tasks import load_task
@@ -742,7 +474,7 @@ def build_trainer(cfg: LMPPOConfig) -> LMPPOTrainer:
     if rm is not None and value_src == cfg.reward_model:
         value = ValueModel.from_reward_model(rm)
     elif value_src:
-        from palate.lm.reward import RewardModel
+        from palate.lm.reward_model import RewardModel
 
         value = ValueModel.from_reward_model(RewardModel.from_pretrained(value_src, dtype=cfg.dtype, device=device))
         # The reward is not this RM's score (e.g. a task's reward function): keep the RM's features,
@@ -753,19 +485,7 @@ def build_trainer(cfg: LMPPOConfig) -> LMPPOTrainer:
         value = ValueModel.from_causal_lm(policy)
     value.requires_grad_(True)
 
-    if cfg.lora_r > 0:
-        from peft import get_peft_model
-
-        policy = get_peft_model(policy, _lora(cfg.lora_r, cfg.lora_alpha, "CAUSAL_LM"))
-        value.backbone = get_peft_model(value.backbone, _lora(cfg.lora_r, cfg.lora_alpha, None))
-    else:
-        freeze_all_but_last_layers(policy, cfg.trainable_layers)
-        if cfg.trainable_layers > 0:
-            for p in value.backbone.parameters():
-                p.requires_grad_(False)
-            for layer in list(value.backbone.layers)[-cfg.trainable_layers:]:
-                layer.requires_grad_(True)
-            value.backbone.norm.requires_grad_(True)
+    policy = make_trainable(policy, value, cfg.lora_r, cfg.lora_alpha, cfg.trainable_layers)
 
     def encode_prompt(prompt: str) -> list[int]:
         # Exactly the prompt tokens SFT and the reward model saw (same template, same BOS rule).

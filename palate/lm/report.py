@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from palate.lm.rl_configs import PIPELINE_STAGES
+from palate.lm.config import PIPELINE_STAGES
 from palate.runs import atomic_write_text
 
 log = logging.getLogger(__name__)

@@ -239,7 +239,7 @@ def train_feature_reward_model(cfg: Any, train: Sequence[Any], val: Sequence[Any
     """
     from palate.data.formats import read_sft
     from palate.lm.models import load_model
-    from palate.lm.reward import RewardModel
+    from palate.lm.reward_model import RewardModel
     from palate.runs import MetricsLogger
 
     t0 = time.perf_counter()

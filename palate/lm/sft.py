@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from palate.errors import ConfigError
-from palate.lm.configs import SFTConfig
+from palate.lm.config import SFTConfig
 from palate.lm.formatting import encode_prompt_completion, encode_text_pair, format_messages, pad_batch
 from palate.runs import atomic_write_dir
 
@@ -229,7 +229,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     select_prompts: list[str] = []
     max_new_tokens = cfg.max_new_tokens or (task.max_new_tokens if task else 48)
     if cfg.reward_model:
-        from palate.lm.reward import load_reward_model
+        from palate.lm.reward_model import load_reward_model
 
         reward_model, rm_tokenizer = load_reward_model(cfg.reward_model, device=str(accelerator.device))
         if task is not None:

@@ -12,7 +12,7 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider tests/lm/test_gpu.py > $OUT
 for be in ${RUNS:-8:3 32:10}; do
   b=${be%:*} e=${be#*:}
   mkdir -p /tmp/b$b/work && cp .gpu/data/* /tmp/b$b/work/
-  timeout 240 python3 -m palate.bench.lm_part1 --device cuda --model /tmp/smol --epochs $e --batch-size $b \
+  timeout 240 python3 -m palate.bench.lm_sft_rm --device cuda --model /tmp/smol --epochs $e --batch-size $b \
       --trl-path /tmp/site --out /tmp/b$b > $OUT/bench-b$b.log 2>&1; echo "bench b$b rc=$?"
   cp /tmp/b$b/results.json $OUT/results-b$b.json 2>/dev/null; tail -8 $OUT/bench-b$b.log
 done

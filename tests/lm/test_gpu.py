@@ -53,7 +53,7 @@ def test_sft_loss_and_gradients_match_the_cpu() -> None:
 
 
 def test_reward_head_reads_the_same_token_on_the_gpu_under_both_padding_sides() -> None:
-    from palate.lm.reward import RewardModel
+    from palate.lm.reward_model import RewardModel
 
     model, tok = tiny_causal_lm(seed=2)
     rm_cpu = RewardModel.from_causal_lm(model)

@@ -9,7 +9,7 @@ import torch
 from palate.data.tasks import load_task
 from palate.lm.online import OnlineCollector, RoundRobinPanel, pairwise_accuracy
 from palate.lm.ppo import LMPPOConfig, LMPPOTrainer, ValueModel, read_metrics
-from palate.lm.reward import RewardModel
+from palate.lm.reward_model import RewardModel
 from palate.lm.testing import tiny_causal_lm
 from palate.runs import seed_everything
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from palate.lm.generation import decode_responses, response_logprobs, sample
-from palate.lm.ppo import LMPPOConfig, LMPPOTrainer, ValueModel, _lora
+from palate.lm.ppo import LMPPOConfig, LMPPOTrainer, ValueModel, lora_config
 from palate.lm.testing import tiny_causal_lm
 from palate.runs import seed_everything
 
@@ -30,7 +30,7 @@ def make_trainer(cfg, seed=0, lora=False, score=count_e):
     if lora:
         from peft import get_peft_model
 
-        model = get_peft_model(model, _lora(4, 8, "CAUSAL_LM"))
+        model = get_peft_model(model, lora_config(4, 8, "CAUSAL_LM"))
     else:
         reference = copy.deepcopy(model)
     return LMPPOTrainer(cfg, model, tok, value, score, PROMPTS, lambda p: tok.encode(p), reference=reference)
@@ -61,7 +61,7 @@ def test_recomputed_logprobs_match_unpadded_rows_and_masks_stop_at_eos():
 
 
 def test_value_model_starts_equal_to_reward_model():
-    from palate.lm.reward import RewardModel
+    from palate.lm.reward_model import RewardModel
 
     model, tok = tiny_causal_lm()
     rm = RewardModel.from_causal_lm(copy.deepcopy(model))
@@ -137,7 +137,7 @@ def test_resume_continues_bit_for_bit(tmp_path):
 
 def test_frozen_prefix_cache_gives_the_same_updates_as_full_passes():
     """With only the top block trained, the cached-prefix path must follow the full-pass path."""
-    from palate.lm.ppo import freeze_all_but_last_layers
+    from palate.lm.trainable import freeze_all_but_last_layers
 
     def run(cache, reuse=True):
         cfg = LMPPOConfig(reward_fn="x", batch_size=4, mini_batch_size=2, iterations=2, learning_rate=1e-2,

@@ -64,7 +64,7 @@ def tiny_dir(tmp_path: Path) -> Path:
 
 
 def test_train_sft_writes_a_loadable_model_and_metrics(tiny_dir: Path, tmp_path: Path) -> None:
-    from palate.lm.reward import RewardModel
+    from palate.lm.reward_model import RewardModel
 
     data = tmp_path / "demos.jsonl"
     with open(data, "w") as fh:

@@ -268,7 +268,7 @@ def _launch(arm: str, work: Path) -> dict[str, Any]:
             raise RuntimeError(f"TRL is not installed for the benchmark; run: pip install --no-deps --target "
                                f"{trl_path} trl==1.16.0")
         env["PYTHONPATH"] = os.pathsep.join([str(trl_path), str(ROOT), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "palate.bench.lm_part1", "--arm", arm, "--work", str(work),
+    cmd = [sys.executable, "-m", "palate.bench.lm_sft_rm", "--arm", arm, "--work", str(work),
            "--device", OPTS["device"], "--model", OPTS["model"], "--epochs", str(OPTS["epochs"]),
            "--batch-size", str(SETTINGS["batch_size"])]
     print(f"[lm-sft-rm] {arm} ...", flush=True)

@@ -1,0 +1,59 @@
+"""Which weights LM PPO (and DPO) train: the last blocks, or LoRA adapters on every block."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+def freeze_all_but_last_layers(model: nn.Module, n_layers: int) -> None:
+    """Train only the last ``n_layers`` transformer blocks and the final norm.
+
+    On a CPU this is the cheapest honest fine-tune: the backward pass stops at the first trained
+    block, so an update costs a fraction of a full one, unlike LoRA whose backward crosses every
+    layer. Embeddings (tied to the LM head in SmolLM2) stay frozen.
+    """
+    if n_layers <= 0:
+        return
+    base = getattr(model, model.base_model_prefix, model)
+    layers = base.layers
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in list(layers)[-n_layers:]:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+    for p in base.norm.parameters():
+        p.requires_grad_(True)
+
+
+def lora_config(r: int, alpha: int, task_type: str | None) -> Any:
+    """A ``peft`` LoRA config on every projection of a SmolLM2/Llama-style block."""
+    from peft import LoraConfig
+
+    # No adapter dropout: PPO's first-epoch ratio must be exactly 1 for the surrogate to be right.
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none", task_type=task_type,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def make_trainable(policy: nn.Module, value: nn.Module, lora_r: int, lora_alpha: int,
+                   trainable_layers: int) -> nn.Module:
+    """Set what PPO trains on both networks; returns the policy (a ``peft`` model with LoRA).
+
+    With LoRA both get adapters (the value backbone's in place); otherwise both train their last
+    ``trainable_layers`` blocks and final norm, so the frozen-prefix cache can serve both.
+    """
+    if lora_r > 0:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, lora_config(lora_r, lora_alpha, "CAUSAL_LM"))
+        value.backbone = get_peft_model(value.backbone, lora_config(lora_r, lora_alpha, None))
+        return policy
+    freeze_all_but_last_layers(policy, trainable_layers)
+    if trainable_layers > 0:
+        for p in value.backbone.parameters():
+            p.requires_grad_(False)
+        for layer in list(value.backbone.layers)[-trainable_layers:]:
+            layer.requires_grad_(True)
+        value.backbone.norm.requires_grad_(True)
+    return policy
