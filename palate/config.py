@@ -151,11 +151,22 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def config_fields(cls: type) -> list[dataclasses.Field]:
+    """A config dataclass's fields, its own first and those it inherits from a shared base after.
+
+    Dataclasses put inherited fields first; a reader of ``--help`` wants a stage's own settings
+    (model, data, loss) before the plumbing every stage shares.
+    """
+    own = set(getattr(cls, "__annotations__", {}))
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    return [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """Add one ``--flag`` per dataclass field; unset flags stay absent so YAML values survive."""
     hints = _hints(cls)
     group = parser.add_argument_group(f"{cls.__name__} fields (also valid as YAML keys)")
-    for f in dataclasses.fields(cls):
+    for f in config_fields(cls):
         if f.name in skip:
             continue
         tp, _ = _unwrap_optional(hints[f.name])

@@ -17,7 +17,28 @@ from palate.errors import ConfigError
 
 
 @dataclasses.dataclass
-class SFTConfig:
+class TrainingRunFields:
+    """The fields SFT, the reward model and DPO share: optimiser plumbing, precision, the run directory.
+
+    ``--help`` lists them after each stage's own fields (:func:`palate.config.config_fields`).
+    """
+
+    max_steps: int = doc_field(0, "stop after this many optimiser steps (0: use epochs)")
+    gradient_accumulation_steps: int = doc_field(1, "micro-batches per optimiser step")
+    weight_decay: float = doc_field(0.0, "AdamW weight decay")
+    max_grad_norm: float = doc_field(1.0, "gradient clipping norm (0: off)")
+    dtype: str = doc_field("float32", "float32 on CPU; bfloat16 on GPUs")
+    mixed_precision: Literal["no", "bf16", "fp16"] = doc_field("no", "accelerate mixed precision")
+    cache_dir: str = doc_field("", "where converted GGUF models are cached (default $PALATE_CACHE or ~/.cache/palate)")
+    log_every: int = doc_field(1, "log training metrics every this many steps")
+    runs_dir: str = doc_field("runs", "parent directory of runs")
+    overwrite: bool = doc_field(False, "replace an existing run of the same name")
+    cpu: bool = doc_field(False, "force CPU even when a GPU is present")
+    tensorboard: bool = doc_field(True, "mirror metrics to TensorBoard")
+
+
+@dataclasses.dataclass
+class SFTConfig(TrainingRunFields):
     """Supervised fine-tuning: ``palate lm sft --config configs/lm/sft-sentiment.yaml``."""
 
     model: str = doc_field("smollm2-135m-instruct", "initial model: a model dir, a run dir, a .gguf file or the alias")
@@ -29,15 +50,9 @@ class SFTConfig:
     max_length: int = doc_field(256, "tokens per sequence (or per packed block)")
     packing: bool = doc_field(False, "pack examples into max_length blocks instead of padding each one")
     epochs: float = doc_field(1.0, "passes over the demonstrations")
-    max_steps: int = doc_field(0, "stop after this many optimiser steps (0: use epochs)")
     batch_size: int = doc_field(8, "sequences per optimiser step, across all processes")
-    gradient_accumulation_steps: int = doc_field(1, "micro-batches per optimiser step")
     lr: float = doc_field(2e-5, "AdamW learning rate (peak, after warm-up); ~1e-4 with LoRA")
-    weight_decay: float = doc_field(0.0, "AdamW weight decay")
     warmup_ratio: float = doc_field(0.05, "fraction of steps of linear warm-up, then cosine decay to lr/10")
-    max_grad_norm: float = doc_field(1.0, "gradient clipping norm (0: off)")
-    dtype: str = doc_field("float32", "float32 on CPU; bfloat16 on GPUs")
-    mixed_precision: Literal["no", "bf16", "fp16"] = doc_field("no", "accelerate mixed precision")
     gradient_checkpointing: bool = doc_field(False, "recompute activations to save memory")
     use_lora: bool = doc_field(False, "train LoRA adapters instead of all weights (merged into model/ at the end)")
     lora_r: int = doc_field(16, "LoRA rank")
@@ -46,14 +61,8 @@ class SFTConfig:
     select_prompts: int = doc_field(16, "validation prompts sampled for reward-based selection")
     max_new_tokens: int = doc_field(0, "tokens generated per prompt for selection (0: the task's default, else 48)")
     eval_every: int = doc_field(50, "validate every this many steps (and at the end)")
-    log_every: int = doc_field(1, "log training metrics every this many steps")
-    cache_dir: str = doc_field("", "where converted GGUF models are cached (default $PALATE_CACHE or ~/.cache/palate)")
     seed: int = doc_field(0, "seeds data order, the train/val split and selection samples")
     run_name: str = doc_field("sft", "the run is written to <runs_dir>/<run_name>/")
-    runs_dir: str = doc_field("runs", "parent directory of runs")
-    overwrite: bool = doc_field(False, "replace an existing run of the same name")
-    cpu: bool = doc_field(False, "force CPU even when a GPU is present")
-    tensorboard: bool = doc_field(True, "mirror metrics to TensorBoard")
 
     def validate(self) -> None:
         if not self.train_data:
@@ -65,7 +74,7 @@ class SFTConfig:
 
 
 @dataclasses.dataclass
-class RMConfig:
+class RMConfig(TrainingRunFields):
     """Reward-model training: ``palate lm rm --config configs/lm/rm-sentiment.yaml``."""
 
     model: str = doc_field("smollm2-135m-instruct", "initial model: an SFT run dir, a model dir, a .gguf file or the alias")
@@ -80,21 +89,14 @@ class RMConfig:
     loss: Literal["auto", "ranking", "best_of_k", "pairwise"] = doc_field(
         "auto", "auto: the loss that matches each comparison's format; pairwise: every pair weighs the same")
     epochs: float = doc_field(1.0, "passes over the training comparisons (InstructGPT: 1, to avoid overfitting)")
-    max_steps: int = doc_field(0, "stop after this many optimiser steps (0: use epochs)")
     batch_size: int = doc_field(8, "comparisons (prompts) per optimiser step, across all processes")
-    gradient_accumulation_steps: int = doc_field(1, "micro-batches per optimiser step")
     lr: float = doc_field(1e-5, "AdamW learning rate (peak, after warm-up)")
-    weight_decay: float = doc_field(0.0, "AdamW weight decay")
     warmup_ratio: float = doc_field(0.05, "fraction of steps of linear warm-up, then cosine decay to lr/10")
-    max_grad_norm: float = doc_field(1.0, "gradient clipping norm (0: off)")
     max_length: int = doc_field(256, "tokens of prompt + completion (prompt cut from the left)")
-    dtype: str = doc_field("float32", "float32 on CPU; bfloat16 on GPUs")
-    mixed_precision: Literal["no", "bf16", "fp16"] = doc_field("no", "accelerate mixed precision")
     gradient_checkpointing: bool = doc_field(False, "recompute activations to save memory")
     use_lora: bool = doc_field(False, "train LoRA adapters on the backbone (plus the head) instead of all weights")
     lora_r: int = doc_field(16, "LoRA rank")
     lora_alpha: int = doc_field(32, "LoRA alpha")
-    cache_dir: str = doc_field("", "where converted GGUF models are cached (default $PALATE_CACHE or ~/.cache/palate)")
     features_layer: int = doc_field(
         0, "0: fine-tune the whole model (last-token reading). L > 0: keep the model frozen, cut after block L, "
         "and fit linear heads on the completion's mean hidden state (features computed once; seconds to fit)")
@@ -105,13 +107,8 @@ class RMConfig:
         "accuracy of the training labellers wins (the held-out labeller's answers are never used to choose)")
     head_steps: int = doc_field(400, "with features_layer: full-batch Adam steps per head fit")
     eval_every: int = doc_field(50, "evaluate on val_data every this many steps (and at the end)")
-    log_every: int = doc_field(1, "log training metrics every this many steps")
     seed: int = doc_field(0, "seeds data order, head initialisation and the train/val split")
     run_name: str = doc_field("rm", "the run is written to <runs_dir>/<run_name>/")
-    runs_dir: str = doc_field("runs", "parent directory of runs")
-    overwrite: bool = doc_field(False, "replace an existing run of the same name")
-    cpu: bool = doc_field(False, "force CPU even when a GPU is present")
-    tensorboard: bool = doc_field(True, "mirror metrics to TensorBoard")
 
     def validate(self) -> None:
         if not self.train_data:
@@ -132,7 +129,7 @@ class RMConfig:
 
 
 @dataclasses.dataclass
-class DPOConfig:
+class DPOConfig(TrainingRunFields):
     """Direct preference optimisation on comparisons: ``palate lm dpo --config configs/lm/dpo-sentiment.yaml``."""
 
     model: str = doc_field("smollm2-135m-instruct", "policy to start from: an SFT run dir, a model dir, a .gguf file "
@@ -157,28 +154,16 @@ class DPOConfig:
     cache_frozen_prefix: bool = doc_field(
         True, "with trainable_layers: run the frozen lower blocks once per sequence, up front, not in every step")
     epochs: float = doc_field(1.0, "passes over the training comparisons")
-    max_steps: int = doc_field(0, "stop after this many optimiser steps (0: use epochs)")
     batch_size: int = doc_field(8, "comparisons (prompts) per optimiser step, across all processes; every "
                                 "strictly ordered pair of each is in the step")
-    gradient_accumulation_steps: int = doc_field(1, "micro-batches per optimiser step")
     lr: float = doc_field(1e-5, "AdamW learning rate (peak, after warm-up)")
-    weight_decay: float = doc_field(0.0, "AdamW weight decay")
     warmup_ratio: float = doc_field(0.1, "fraction of steps of linear warm-up, then cosine decay to lr/10")
-    max_grad_norm: float = doc_field(1.0, "gradient clipping norm (0: off)")
     max_length: int = doc_field(256, "tokens of prompt + completion (prompt cut from the left)")
     forward_batch_size: int = doc_field(16, "sequences per no-grad forward (reference log-probs, validation)")
-    dtype: str = doc_field("float32", "float32 on CPU; bfloat16 on GPUs")
-    mixed_precision: Literal["no", "bf16", "fp16"] = doc_field("no", "accelerate mixed precision")
-    cache_dir: str = doc_field("", "where converted GGUF models are cached (default $PALATE_CACHE or ~/.cache/palate)")
     eval_every: int = doc_field(50, "evaluate on val_data every this many steps (and before the first and after "
                                 "the last)")
-    log_every: int = doc_field(1, "log training metrics every this many steps")
     seed: int = doc_field(0, "seeds data order and the train/val split")
     run_name: str = doc_field("dpo", "the run is written to <runs_dir>/<run_name>/")
-    runs_dir: str = doc_field("runs", "parent directory of runs")
-    overwrite: bool = doc_field(False, "replace an existing run of the same name")
-    cpu: bool = doc_field(False, "force CPU even when a GPU is present")
-    tensorboard: bool = doc_field(True, "mirror metrics to TensorBoard")
 
     def validate(self) -> None:
         if not self.train_data:

@@ -237,7 +237,6 @@ def train_dpo(cfg: DPOConfig) -> Path:
 
     from palate.core.preference import dpo_loss
     from palate.data.formats import read_comparisons
-    from palate.data.tasks import load_task
     from palate.lm.models import load_model
     from palate.lm.prefix import prefix_equal
     from palate.lm.sft import save_causal_lm
@@ -248,13 +247,12 @@ def train_dpo(cfg: DPOConfig) -> Path:
         make_optimizer_and_scheduler,
         peak_rss_mb,
         start_run,
+        task_settings,
     )
     from palate.runs import MetricsLogger, atomic_write_json
 
     cfg.validate()
-    task = load_task(cfg.task) if cfg.task else None
-    chat = cfg.chat if cfg.chat is not None else (task.chat if task else False)
-    held_out = cfg.held_out_labeller or (task.panel.held_out_name if task else "")
+    task, chat, held_out = task_settings(cfg, chat_default=False)
     # config.yaml records what was used, where `palate lm eval` looks for the reference and chat.
     cfg = dataclasses.replace(cfg, reference=cfg.reference or cfg.model, chat=chat)
     # The data is read and validated before the run directory exists (see start_run); the reader

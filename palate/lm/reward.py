@@ -201,7 +201,6 @@ def train_reward_model(cfg: RMConfig) -> Path:
     from tqdm.auto import tqdm
 
     from palate.data.formats import read_comparisons, read_sft
-    from palate.data.tasks import load_task
     from palate.lm.models import load_model
     from palate.lm.training import (
         TrainLoop,
@@ -209,14 +208,13 @@ def train_reward_model(cfg: RMConfig) -> Path:
         make_optimizer_and_scheduler,
         peak_rss_mb,
         start_run,
+        task_settings,
     )
     from palate.runs import MetricsLogger, atomic_write_json
 
     cfg.validate()
     # Read and validate the data before creating the run directory: a bad line leaves no half-made run.
-    task = load_task(cfg.task) if cfg.task else None
-    chat = cfg.chat if cfg.chat is not None else (task.chat if task else False)
-    held_out = cfg.held_out_labeller or (task.panel.held_out_name if task else "")
+    task, chat, held_out = task_settings(cfg, chat_default=False)
 
     train, val, accelerator, run_dir = start_run(cfg, read_comparisons)
     if held_out and any(c.labeller == held_out for c in train):

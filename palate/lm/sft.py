@@ -187,7 +187,6 @@ def train_sft(cfg: SFTConfig) -> Path:
     from tqdm.auto import tqdm
 
     from palate.data.formats import read_sft
-    from palate.data.tasks import load_task
     from palate.lm.models import LoraSettings, load_model
     from palate.lm.training import (
         TrainLoop,
@@ -196,13 +195,13 @@ def train_sft(cfg: SFTConfig) -> Path:
         peak_gpu_mb,
         peak_rss_mb,
         start_run,
+        task_settings,
     )
     from palate.runs import MetricsLogger, atomic_write_json
 
     cfg.validate()
     # Read and validate the data before creating the run directory: a bad line leaves no half-made run.
-    task = load_task(cfg.task) if cfg.task else None
-    chat = cfg.chat if cfg.chat is not None else (task.chat if task else True)
+    task, chat, _ = task_settings(cfg, chat_default=True)
     train, val, accelerator, run_dir = start_run(cfg, read_sft)
 
     lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha) if cfg.use_lora else None

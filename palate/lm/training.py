@@ -63,6 +63,17 @@ def split_train_val(items: Sequence[T], fraction: float, seed: int) -> tuple[lis
     return train, val
 
 
+def task_settings(cfg: Any, chat_default: bool) -> tuple[Any, bool, str]:
+    """``(task or None, chat, held-out labeller name)`` of a stage: the config's values where set,
+    else the built-in task's (its chat template setting, its panel's held-out labeller)."""
+    from palate.data.tasks import load_task
+
+    task = load_task(cfg.task) if cfg.task else None
+    chat = cfg.chat if cfg.chat is not None else (task.chat if task else chat_default)
+    held_out = getattr(cfg, "held_out_labeller", "") or (task.panel.held_out_name if task else "")
+    return task, chat, held_out
+
+
 def start_run(cfg: Any, read: Callable[[str], list[T]]) -> tuple[list[T], list[T], Any, Any]:
     """``(train, val, accelerator, run_dir)`` for an SFT or reward-model config.
 
