@@ -330,6 +330,17 @@ def run(out_dir: str | Path, config: LoadConfig | None = None) -> dict[str, Any]
     return result
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m palate.bench.feedback_load [OUT_DIR]``: the load test, results in OUT_DIR."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m palate.bench.feedback_load", description=__doc__.split("\n")[0])
+    parser.add_argument("out_dir", nargs="?", default="runs/bench",
+                        help="where feedback_load.json is written (default: runs/bench)")
+    args = parser.parse_args(argv)
+    print(json.dumps(run(args.out_dir), indent=2))
+    return 0
+
+
 if __name__ == "__main__":
-    out = sys.argv[1] if len(sys.argv) > 1 else "runs/bench"
-    print(json.dumps(run(out), indent=2))
+    sys.exit(main())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from palate.bench.feedback_load import LoadConfig, run
 
 
@@ -15,3 +17,14 @@ def test_load_benchmark_smoke(tmp_path):
     assert result["integrity"]["acknowledged"] == result["integrity"]["stored"]
     assert json.loads((tmp_path / "feedback_load.json").read_text())["config"]["labellers"] == 4
     assert [p.name for p in tmp_path.iterdir()] == ["feedback_load.json"]  # the scratch database is gone
+
+
+def test_help_prints_usage_and_starts_nothing(tmp_path, monkeypatch, capsys):
+    from palate.bench.feedback_load import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "out_dir" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # no "--help" folder, no load test
