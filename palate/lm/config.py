@@ -318,7 +318,7 @@ class EvalConfig:
         "labeller", "who judges the pairs: the held-out labeller, or also people through the feedback service")
     feedback_url: str = doc_field("http://127.0.0.1:8000", "human judge: the feedback service")
     feedback_token_env: str = doc_field("PALATE_FEEDBACK_TOKEN", "human judge: env var holding the admin token")
-    feedback_project: str | None = doc_field(None, "human judge: feedback project (default: <run>-eval)")
+    feedback_project: str | None = doc_field(None, "human judge: feedback project (unset: <run parent>-<run name>-eval)")
     judge_redundancy: int = doc_field(1, "human judge: people asked per pair (distinct judges)")
     wait_s: float = doc_field(
         3600.0, "human judge: longest wait for answers; then what has arrived is written (run again for the rest)")

@@ -195,7 +195,7 @@ def collect_answers(client: Any, project: str, pairs: list[dict[str, Any]], redu
     """Read every answer to the pairs' tasks, waiting up to ``wait_s`` for the open ones.
 
     Returns ``(un-blinded answers, cancelled tasks)``; ``on_update`` gets the same after every poll
-    that brought something new, so a killed wait loses nothing already received.
+    that brought something new, so what has arrived can be saved as it comes.
     """
     from tqdm.auto import tqdm
 
@@ -270,10 +270,12 @@ def _load_pairs(path: Path, cfg: EvalConfig, project: str) -> dict[str, Any] | N
 def evaluate_with_people(cfg: EvalConfig, poll_interval: float = 2.0) -> dict[str, Any]:
     """``palate lm eval --judge human``: the usual evaluation, then people's verdicts on the same pairs.
 
-    Writes ``summary.json`` (the usual fields and a ``human`` block, see :func:`summarise`),
-    ``human_pairs.json`` and ``human_answers.jsonl`` under the evaluation's output directory, and
-    returns the summary. When the wait ends with tasks still open, the block says so
-    (``complete: false``) and running the same command again picks up the later answers.
+    Writes ``human_pairs.json`` (with the labeller's summary), ``human_answers.jsonl`` (after
+    every poll that brought answers) and, once the wait ends, ``summary.json``: the usual fields
+    and a ``human`` block (:func:`summarise`). While the command waits there is no
+    ``summary.json``, so a pipeline stopped meanwhile runs its eval stage again, which resumes
+    here. When the wait ends with tasks still open, the block says so (``complete: false``) and
+    running the same command again picks up the later answers.
     """
     from palate.lm.evaluate import eval_out_dir, evaluate
 
@@ -285,15 +287,12 @@ def evaluate_with_people(cfg: EvalConfig, poll_interval: float = 2.0) -> dict[st
     try:
         client.ensure_project(project, "palate lm eval: is the policy's completion better than the SFT model's?")
         state = _load_pairs(pairs_path, cfg, project)
-        summary = json.loads(summary_path.read_text()) if state is not None and summary_path.is_file() else None
-        if summary is None:
-            # Sampling and the labeller's verdicts as without people; a pair file already made
-            # stays the record of what people see, whatever the new samples are.
-            summary = evaluate(dataclasses.replace(cfg, judge="labeller"))
         if state is None:
+            # Sampling and the labeller's verdicts as without people, then the pairs people see.
+            labeller = evaluate(dataclasses.replace(cfg, judge="labeller"))
             samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines() if line.strip()]
             state = {"settings": {f: getattr(cfg, f) for f in _PAIR_FIELDS}, "project": project,
-                     "feedback_url": cfg.feedback_url,
+                     "feedback_url": cfg.feedback_url, "labeller_summary": labeller,
                      "pairs": blind_pairs(samples, cfg.samples_per_prompt, cfg.seed, run_label(cfg.run))}
         pairs = state["pairs"]
 
@@ -305,18 +304,20 @@ def evaluate_with_people(cfg: EvalConfig, poll_interval: float = 2.0) -> dict[st
         log.info("%d pair tasks in feedback project %r at %s (%d created now)", len(pairs), project,
                  cfg.feedback_url, created)
 
-        def write(answers: list[dict[str, Any]], cancelled: int) -> None:
+        def save_answers(answers: list[dict[str, Any]], cancelled: int) -> None:
             atomic_write_text(out / ANSWERS_FILE, "".join(json.dumps(a) + "\n" for a in answers))
-            summary["human"] = {**summarise(pairs, answers, cfg.judge_redundancy, cancelled),
-                                "project": project, "feedback_url": cfg.feedback_url}
-            atomic_write_json(summary_path, summary)
 
-        answers, cancelled = collect_answers(client, project, pairs, cfg.judge_redundancy, cfg.wait_s, write,
-                                             poll_interval=poll_interval)
+        summary_path.unlink(missing_ok=True)  # "done" only once the wait is over (see the docstring)
+        answers, cancelled = collect_answers(client, project, pairs, cfg.judge_redundancy, cfg.wait_s,
+                                             save_answers, poll_interval=poll_interval)
         save_pairs()  # task ids learnt from answers
-        write(answers, cancelled)
+        save_answers(answers, cancelled)
     finally:
         client.close()
+    summary = {**state["labeller_summary"],
+               "human": {**summarise(pairs, answers, cfg.judge_redundancy, cancelled), "project": project,
+                         "feedback_url": cfg.feedback_url}}
+    atomic_write_json(summary_path, summary)
     h = summary["human"]
     log.info("win rate vs SFT by people %.3f +- %.3f over %d answers from %d judges (%d ties, %d can't tell); "
              "%d of %d pairs still open", h["win_rate"], h["win_rate_stderr"], h["n_answers"], h["n_judges"],

@@ -215,6 +215,10 @@ def test_people_judge_blind_pairs_and_a_restart_picks_up_their_answers(tmp_path,
     waiting = threading.Thread(target=lambda: result.update(
         evaluate_with_people(EvalConfig(**{**vars(cfg), "wait_s": 120.0}), poll_interval=0.2)))
     waiting.start()
+    deadline = time.monotonic() + 20
+    while (out / "summary.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not (out / "summary.json").exists()  # "done" only when the wait is over
     _answer_by_http(url, tokens["alice"], judge, 4)
     if shutil.which(CHROMIUM):
         _answer_in_chromium(url, tokens["bob"], judge, 3)
@@ -240,3 +244,11 @@ def test_people_judge_blind_pairs_and_a_restart_picks_up_their_answers(tmp_path,
     # Another evaluation into the same directory is refused rather than credited with these answers.
     with pytest.raises(ConfigError, match="samples_per_prompt"):
         evaluate_with_people(EvalConfig(**{**vars(cfg), "samples_per_prompt": 1}))
+
+    # The pipeline report's headline carries people's verdicts beside the labeller's.
+    from palate.lm.report import write_report
+
+    shutil.copytree(out, tmp_path / "pipe" / "eval")
+    report = write_report(tmp_path / "pipe").read_text()
+    assert (f"| win rate vs SFT, people (12 answers: {h['wins']} for PPO, {h['losses']} for SFT, {h['ties']} ties, "
+            f"{h['cant_tell']} can't tell; judges: alice 9, bob 3) | {h['win_rate']:.3f} ±") in report
