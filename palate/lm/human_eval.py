@@ -80,6 +80,7 @@ def blind_pairs(samples: Sequence[dict[str, Any]], samples_per_prompt: int, seed
     if len(samples) % samples_per_prompt:
         raise DataError(f"{len(samples)} evaluation samples are not a whole number of prompts x "
                         f"{samples_per_prompt} samples each; rerun palate lm eval into an empty --out")
+    # A stream of its own (the second key word), apart from the sampling that ``seed`` also seeds.
     policy_left = np.random.default_rng([seed, 0x6A75]).random(len(samples)) < 0.5
     pairs = []
     for i, (s, on_left) in enumerate(zip(samples, policy_left, strict=True)):
