@@ -98,6 +98,13 @@ def _run_eval(args: argparse.Namespace) -> int:
     print(f"win rate vs SFT (held-out labeller): {m['win_rate']:.3f} ± {m['win_rate_stderr']:.3f}; "
           f"reward {m['reward']:.3f} (SFT {m['reward_reference']:.3f}); KL {m['kl']:.2f} nats; "
           f"perplexity {m['perplexity']:.2f} (SFT {m['perplexity_reference']:.2f})")
+    if "human" in m:
+        h = m["human"]
+        print(f"win rate vs SFT (people): {h['win_rate']:.3f} ± {h['win_rate_stderr']:.3f} over {h['n_answers']} "
+              f"answers from {h['n_judges']} judges ({h['ties']} ties, {h['cant_tell']} can't tell)")
+        if not h["complete"]:
+            print(f"{h['pairs_open']} of {h['n_pairs']} pairs still wait for people in project {h['project']!r}; "
+                  "run the same command again to pick up their answers")
     return 0
 
 
@@ -152,7 +159,8 @@ def add_parser(subparsers: Any) -> None:
     add_config_arguments(pipe, PipelineConfig)
     pipe.set_defaults(func=_run_pipeline)
 
-    ev = lm_sub.add_parser("eval", help="win rate vs SFT by the held-out labeller, KL, reward, alignment tax",
+    ev = lm_sub.add_parser("eval", help="win rate vs SFT by the held-out labeller (or people), KL, reward, "
+                           "alignment tax",
                            description=EvalConfig.__doc__)
     ev.add_argument("run_dir", help="PPO run directory (runs/NAME) or a model directory")
     ev.add_argument("--config", help="YAML file of EvalConfig fields")

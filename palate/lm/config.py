@@ -275,7 +275,11 @@ class LMPPOConfig:
 
 @dataclasses.dataclass
 class EvalConfig:
-    """``palate lm eval RUN``: the policy against its SFT reference, judged by the held-out labeller."""
+    """``palate lm eval RUN``: the policy against its SFT reference, judged by the held-out labeller.
+
+    With ``--judge human`` the same pairs also go to people as blind pair tasks of the feedback
+    service (``palate.lm.human_eval``); their verdicts are written beside the labeller's.
+    """
 
     run: str = doc_field("", "policy to evaluate: a PPO run dir (its model/) or a model dir")
     reference: str | None = doc_field(None, "the SFT model to compare with (default: the PPO run's reference/policy)")
@@ -294,11 +298,26 @@ class EvalConfig:
     out: str | None = doc_field(None, "directory for summary.json and samples (default: <run>/eval)")
     device: str = doc_field("auto", "cpu, cuda or auto")
     torch_threads: int = doc_field(0, "torch CPU threads (0 = torch's default)")
-    seed: int = doc_field(1234, "sampling and labelling-noise seed")
+    seed: int = doc_field(1234, "sampling and labelling-noise seed; also fixes the left/right order people see")
+    judge: Literal["labeller", "human"] = doc_field(
+        "labeller", "who judges the pairs: the held-out labeller, or also people through the feedback service")
+    feedback_url: str = doc_field("http://127.0.0.1:8000", "human judge: the feedback service")
+    feedback_token_env: str = doc_field("PALATE_FEEDBACK_TOKEN", "human judge: env var holding the admin token")
+    feedback_project: str | None = doc_field(None, "human judge: feedback project (unset: <run parent>-<run name>-eval)")
+    judge_redundancy: int = doc_field(1, "human judge: people asked per pair (distinct judges)")
+    wait_s: float = doc_field(
+        3600.0, "human judge: longest wait for answers; then what has arrived is written (run again for the rest)")
 
     def validate(self) -> None:
         if self.samples_per_prompt < 1:
             raise ConfigError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        from palate.feedback.tasks import MAX_REDUNDANCY
+
+        if not 1 <= self.judge_redundancy <= MAX_REDUNDANCY:
+            raise ConfigError(f"judge_redundancy must be 1..{MAX_REDUNDANCY} (people per pair), "
+                              f"got {self.judge_redundancy}")
+        if self.wait_s < 0:
+            raise ConfigError(f"wait_s must be >= 0 seconds, got {self.wait_s}")
 
 
 @dataclasses.dataclass

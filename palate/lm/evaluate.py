@@ -31,7 +31,8 @@ from palate.runs import atomic_write_json, read_run_config, seed_everything
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalConfig", "distinct_n", "repeated_ngram_fraction", "win_rate", "evaluate_models", "evaluate"]
+__all__ = ["EvalConfig", "distinct_n", "repeated_ngram_fraction", "win_rate", "evaluate_models", "eval_out_dir",
+           "evaluate"]
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
@@ -168,14 +169,28 @@ def _run_settings(run: Path) -> dict[str, Any]:
         return {}
 
 
+def eval_out_dir(cfg: EvalConfig) -> Path:
+    """Where an evaluation writes: ``cfg.out``, else ``<run>/eval`` for a run dir, else ``runs/eval``."""
+    run = Path(cfg.run)
+    return Path(cfg.out) if cfg.out else (run / "eval" if (run / "config.yaml").is_file() else Path("runs") / "eval")
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Evaluate ``cfg.run`` against its reference; writes ``summary.json`` and ``samples.jsonl``."""
+    """Evaluate ``cfg.run`` against its reference; writes ``summary.json`` and ``samples.jsonl``.
+
+    With ``cfg.judge == "human"`` people also judge the same pairs (:mod:`palate.lm.human_eval`),
+    and ``summary.json`` gains their verdicts in a ``human`` block.
+    """
     from palate.data.tasks import load_task
     from palate.lm.formatting import encode_prompt_completion
     from palate.lm.models import load_model
     from palate.lm.pretrain_text import load_corpus, pack_tokens, split_corpus
 
     cfg.validate()
+    if cfg.judge == "human":
+        from palate.lm.human_eval import evaluate_with_people
+
+        return evaluate_with_people(cfg)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     run = Path(cfg.run)
@@ -216,7 +231,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         batch_size=cfg.batch_size, ppl_blocks=blocks, extra_scorers=extra, seed=cfg.seed)
     metrics.update({"policy_model": str(run), "reference_model": str(reference_name), "task": task.name,
                     "split": cfg.split, "max_new_tokens": max_new_tokens, "wall_s": time.perf_counter() - t0})
-    out = Path(cfg.out) if cfg.out else (run / "eval" if (run / "config.yaml").is_file() else Path("runs") / "eval")
+    out = eval_out_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "samples.jsonl", "w") as fh:
         for s in samples:

@@ -193,6 +193,17 @@ def plot_overoptimisation(bon: dict[str, Any], points: list[dict[str, float]], e
     return out
 
 
+def _human_rows(human: dict[str, Any] | None) -> list[str]:
+    """The headline row of people's verdicts (``palate lm eval --judge human``), if any."""
+    if not human:
+        return []
+    judges = ", ".join(f"{name} {n}" for name, n in human["judges"].items()) or "nobody yet"
+    state = "" if human["complete"] else f"; {human['pairs_open']} of {human['n_pairs']} pairs still open"
+    return [f"| win rate vs SFT, people ({human['n_answers']} answers: {human['wins']} for PPO, "
+            f"{human['losses']} for SFT, {human['ties']} ties, {human['cant_tell']} can't tell; judges: {judges}"
+            f"{state}) | {_fmt(human['win_rate'])} ± {_fmt(human['win_rate_stderr'])} | 0.5 |"]
+
+
 def write_report(root: str | Path, n_samples: int = 6) -> Path:
     """Write ``<root>/report.md`` and its PNGs from the stage directories under ``root``."""
     from palate.lm.ppo import read_metrics
@@ -240,6 +251,7 @@ def write_report(root: str | Path, n_samples: int = 6) -> Path:
             f"{_fmt(evaluation.get('win_rate'))} ± {_fmt(evaluation.get('win_rate_stderr'))} | 0.5 |",
             f"| task reward (mean) | {_fmt(evaluation.get('reward'))} | {_fmt(evaluation.get('reward_reference'))} |",
         ]
+        lines += _human_rows(evaluation.get("human"))
         if rm.get("rm/held_out_accuracy") is not None:
             lines.append(f"| reward model's accuracy on the held-out labeller's validation pairs | "
                          f"{_fmt(rm['rm/held_out_accuracy'])} | |")
