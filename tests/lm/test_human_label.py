@@ -8,6 +8,8 @@ ranking page. Scripted people answer; the tests check what reaches the compariso
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -20,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 import palate
@@ -166,3 +169,126 @@ def test_sigkill_and_restart_keep_every_answer_once_and_ask_nothing_twice(tmp_pa
         assert c.kind == "ranking" and len(c.completions) == 3
     stats = agreement(comps)
     assert stats["answers_per_comparison"] == {redundancy: n_prompts} and set(stats["labellers"]) == {"alice", "bob"}
+
+
+# --------------------------------------------------------------------------- a person in the browser
+
+COLOURS = ("red", "green", "blue", "yellow")
+MENTIONS_COLOUR = re.compile(r"\b(" + "|".join(COLOURS) + r")\b")
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-gpu"]
+
+
+def _with_colours(groups: list[list[str]], rng: np.random.Generator) -> list[list[str]]:
+    """Put a colour word at a random place in one or two of each group's completions.
+
+    The tiny random model writes byte soup, so a rule about content needs content it can decide;
+    the texts are otherwise the model's own samples.
+    """
+    out = []
+    for group in groups:
+        marked = set(rng.choice(len(group), size=int(rng.integers(1, 3)), replace=False).tolist())
+        new = []
+        for j, text in enumerate(group):
+            if j in marked:
+                words = text.split(" ")
+                words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(COLOURS)))
+                text = " ".join(words)
+            new.append(text)
+        out.append(new)
+    return out
+
+
+def _rank_by_colour(page, task_id: str) -> None:
+    """The scripted person: completions that mention a colour first (tied), the rest after (tied)."""
+    texts = page.locator("#rank-list li").all_inner_texts()  # shown in completion order until a key is pressed
+    colour = [i for i, t in enumerate(texts) if MENTIONS_COLOUR.search(t)]
+    plain = [i for i in range(len(texts)) if i not in colour]
+    for group in (colour, plain):
+        for n, i in enumerate(group):
+            if n:
+                page.keyboard.press("=")
+            page.keyboard.press(str(i + 1))
+    page.keyboard.press("Enter")
+    page.wait_for_selector(f"body[data-last-answered='{task_id}']")
+
+
+@pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason="needs Debian chromium (make setup)")
+def test_a_person_in_the_browser_teaches_the_reward_model_a_new_rule(tmp_path, service, tiny_dir, monkeypatch,
+                                                                     one_thread):
+    """40 rankings by "prefers a colour" through the real page: the RM orders unseen completions by it."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from palate.lm import demos
+    from palate.lm.demos import LabelConfig, label_comparisons
+    from palate.lm.reward import RMConfig, train_reward_model
+    from palate.lm.reward_model import RewardModel
+
+    n_tasks, k = 40, 4
+    real_candidates = demos._candidates
+    colour_rng = np.random.default_rng(11)
+
+    def candidates(*args, **kwargs):
+        task, prompts, grouped = real_candidates(*args, **kwargs)
+        return task, prompts, _with_colours(grouped, colour_rng)
+
+    monkeypatch.setattr(demos, "_candidates", candidates)
+    monkeypatch.setenv("PALATE_FEEDBACK_TOKEN", service.admin)
+    out = tmp_path / "people.jsonl"
+    cfg = LabelConfig(model=str(tiny_dir), task="sentiment", limit=n_tasks, k=k, max_new_tokens=6, batch_size=64,
+                      labeller="human", feedback_url=service.url, feedback_project="lm", out=str(out),
+                      label_wait_s=240, poll_s=0.2, seed=5)
+    result: dict[str, object] = {}
+    worker = threading.Thread(target=lambda: result.update(path=label_comparisons(cfg)), daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 120
+    while service.rows("SELECT COUNT(*) FROM tasks")[0][0] < n_tasks and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(15_000)
+            page.goto(service.url + "/")
+            page.fill("#token", service.people["alice"])
+            page.click("button[type=submit]")
+            page.wait_for_selector("body[data-ready='1']")
+            for _ in range(n_tasks):
+                page.wait_for_selector("#rank-list li")
+                _rank_by_colour(page, page.get_attribute("body", "data-task-id"))
+            page.wait_for_selector("#empty:not([hidden])")
+        finally:
+            browser.close()
+    worker.join(timeout=60)
+    assert result.get("path") == out
+
+    comps = read_comparisons(out)
+    assert len(comps) == n_tasks and {c.labeller for c in comps} == {"alice"}
+    for c in comps:  # the page's answer reached the file against the right completions
+        assert c.ranks == [0 if MENTIONS_COLOUR.search(t) else 1 for t in c.completions]
+
+    run = train_reward_model(RMConfig(model=str(tiny_dir), train_data=str(out), features_layer=1, seed=0,
+                                      runs_dir=str(tmp_path / "runs"), tensorboard=False))
+    rm = RewardModel.from_pretrained(run / "model")
+    # Unseen: other prompts, fresh samples of the same model, colours placed the same way.
+    from palate.data.tasks import load_task
+    from palate.lm.models import load_model
+    from palate.lm.sft import sample_completions
+
+    policy, tok = load_model(str(tiny_dir))
+    prompts = load_task("sentiment").prompts("train")[n_tasks:n_tasks + 40]
+    flat = sample_completions(policy, tok, [p for p in prompts for _ in range(k)], chat=False, max_new_tokens=6,
+                              batch_size=64, temperature=1.0, top_p=1.0)
+    groups = _with_colours([flat[i * k:(i + 1) * k] for i in range(len(prompts))], np.random.default_rng(12))
+    correct = pairs = 0
+    for prompt, group in zip(prompts, groups):
+        scores = rm.score_texts([prompt] * k, group, tok, batch_size=k)
+        colour = [bool(MENTIONS_COLOUR.search(t)) for t in group]
+        for a in range(k):
+            for b in range(k):
+                if colour[a] and not colour[b]:
+                    pairs += 1
+                    correct += int(scores[a] > scores[b])
+    assert pairs >= 100
+    assert correct / pairs >= 0.8, f"the reward model orders {correct}/{pairs} unseen pairs by the rule"
