@@ -416,3 +416,26 @@ def agreement(comparisons: Sequence[Comparison]) -> dict[str, Any]:
             "labellers": dict(Counter(str(c.labeller) for v in by_task.values() for c in v)),
             "answers_per_comparison": dict(sorted(counts.items())),
             "agreement": agree / pairs if pairs else None, "agreement_pairs": pairs}
+
+
+def people_report_lines(sources: dict[str, Path]) -> list[str]:
+    """The report's section on people's answers (``{what: comparisons JSONL}``); empty when none came from people."""
+    rows = []
+    for what, path in sources.items():
+        if not path.is_file() or not path.stat().st_size:
+            continue
+        answers = [c for c in read_comparisons(path) if "answer_id" in c.meta]
+        if not answers:
+            continue
+        s = agreement(answers)
+        spread = ", ".join(f"{n} people: {m}" for n, m in s["answers_per_comparison"].items())
+        who = ", ".join(f"{name} {n}" for name, n in sorted(s["labellers"].items()))
+        agree = f"{s['agreement']:.3f} over {s['agreement_pairs']} pairs" if s["agreement"] is not None else "n/a"
+        rows.append(f"| {what} | {s['comparisons']} | {s['answers']} ({spread}) | {who} | {agree} |")
+    if not rows:
+        return []
+    return ["## People's labels", "",
+            "Agreement: of the completion pairs two people both ordered (same task), the share they ordered the "
+            "same way; 0.5 is chance. n/a: no task was answered by two people.", "",
+            "| data | comparisons | answers (redundancy) | answers per person | agreement |", "|---|---|---|---|---|",
+            *rows, ""]

@@ -7,6 +7,7 @@ ranking page. Scripted people answer; the tests check what reaches the compariso
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -292,3 +293,102 @@ def test_a_person_in_the_browser_teaches_the_reward_model_a_new_rule(tmp_path, s
                     correct += int(scores[a] > scores[b])
     assert pairs >= 100
     assert correct / pairs >= 0.8, f"the reward model orders {correct}/{pairs} unseen pairs by the rule"
+
+
+# --------------------------------------------------------------------------- the pipeline and PPO with people
+
+
+def _answer_everything(url: str, token: str, name: str) -> int:
+    """One person answers every task they may (longest completion first); returns how many."""
+    person = ScriptedPerson(url, token, name, pause_s=0.0)
+    n = 0
+    while True:
+        task, _ = person.client.next_task("lm")
+        if task is None:
+            person.client.close()
+            return n
+        texts = [it["text"] for it in task["items"]]
+        order = sorted(range(len(texts)), key=lambda i: (-len(texts[i]), i))
+        person.client.answer(task["id"], {"ranking": [order.index(i) for i in range(len(texts))]})
+        n += 1
+
+
+def test_pipeline_label_stage_waits_for_people_then_resumes(tmp_path, service, tiny_dir, monkeypatch, one_thread):
+    """label: {labeller: human}: a timeout stops with how to resume; the rerun takes the answers given meanwhile."""
+    from palate.config import config_from_dict
+    from palate.errors import FeedbackError
+    from palate.lm.pipeline import PipelineConfig, run_pipeline, stage_done
+    from palate.lm.report import write_report
+
+    monkeypatch.setenv("PALATE_FEEDBACK_TOKEN", service.admin)
+    cfg = config_from_dict(PipelineConfig, {
+        "name": "lm", "runs_dir": str(tmp_path / "runs"), "task": "sentiment", "stages": ["label"],
+        "label": {"model": str(tiny_dir), "labeller": "human", "feedback_url": service.url, "limit": 3, "k": 2,
+                  "max_new_tokens": 4, "redundancy": 2, "label_wait_s": 0.5, "poll_s": 0.1}})
+    with pytest.raises(FeedbackError, match="0 of 6 answers arrived.*Run the same command again"):
+        run_pipeline(cfg)
+    root = cfg.root
+    assert not stage_done(root, "label")
+    assert {name: _answer_everything(service.url, tok, name) for name, tok in service.people.items()} == \
+        {"alice": 3, "bob": 3}
+    run_pipeline(cfg)
+    assert stage_done(root, "label")
+    assert json.loads((root / "label" / "summary.json").read_text())["records"] == 6
+    assert service.rows("SELECT COUNT(*) FROM tasks") == [(3,)]  # the rerun asked nothing again
+    report = write_report(root).read_text()
+    assert "## People's labels" in report and "alice 3, bob 3" in report and "1.000 over 3 pairs" in report
+
+
+def test_ppo_goes_on_while_people_answer_and_learns_from_what_arrived(tmp_path, service, monkeypatch, one_thread):
+    """online_labeller: human: rounds post tasks and retrain on arrived answers; a restart re-reads none twice."""
+    import copy
+
+    import torch
+
+    from palate.data.tasks import load_task
+    from palate.lm.online import OnlineCollector
+    from palate.lm.ppo import LMPPOConfig, LMPPOTrainer, ValueModel, read_metrics
+    from palate.lm.reward_model import RewardModel
+    from palate.lm.testing import tiny_causal_lm
+    from palate.runs import seed_everything
+
+    monkeypatch.setenv("PALATE_FEEDBACK_TOKEN", service.admin)
+    seed_everything(0)
+    model, tok = tiny_causal_lm()
+    rm = RewardModel.from_causal_lm(copy.deepcopy(model))
+    rm.eval()
+    cfg = LMPPOConfig(reward_model="unused", batch_size=4, mini_batch_size=4, iterations=4, max_new_tokens=6,
+                      device="cpu", ppo_epochs=1, online_every=1, online_prompts=2, online_k=3,
+                      online_rm_learning_rate=1e-3, online_labeller="human", feedback_url=service.url,
+                      feedback_project="lm", runs_dir=str(tmp_path), run_name="ppo")
+    task = load_task("sentiment")
+    collector = OnlineCollector.from_config(cfg, rm, tok, task)
+    prompts = task.prompts("train")[:6]
+    trainer = LMPPOTrainer(cfg, model, tok, ValueModel.from_reward_model(rm),
+                           lambda p, c: rm.score_texts(list(p), list(c), tok, batch_size=4), prompts,
+                           lambda p: tok.encode(p), reference=copy.deepcopy(model), online=collector)
+    head_before = rm.head.weight.detach().clone()
+    person = ScriptedPerson(service.url, service.people["alice"], "alice", pause_s=0.0)
+    person.start()
+    try:
+        trainer.train(cfg.run_dir)
+        online = read_metrics(cfg.run_dir, phase="online")
+        assert [r["step"] for r in online] == [1, 2, 3]  # one round per iteration, none waited for people
+        assert sum(r["online/asked"] for r in online) == 6
+        assert sum(r["online/labels"] for r in online) == len(collector.comparisons) > 0
+        assert {c.labeller for c in collector.comparisons} == {"alice"}
+        assert not torch.equal(rm.head.weight, head_before)  # retrained on people's answers
+        deadline = time.monotonic() + 30
+        while service.rows("SELECT COUNT(*) FROM answers") != [(6,)] and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        person.stop.set()
+        person.join(timeout=10)
+    # A resumed run (new process): answers after the checkpoint are handed out, those in it are not.
+    state = torch.load(cfg.run_dir / "checkpoint.pt", weights_only=False)["online"]
+    resumed = OnlineCollector.from_config(cfg, copy.deepcopy(rm), tok, task)
+    resumed.load_state_dict(state)
+    late = resumed.labeller.arrived()
+    in_checkpoint = {c.meta["answer_id"] for c in resumed.comparisons}
+    assert in_checkpoint.isdisjoint(c.meta["answer_id"] for c in late)
+    assert in_checkpoint | {c.meta["answer_id"] for c in late} == {r[0] for r in service.rows("SELECT id FROM answers")}
