@@ -91,8 +91,8 @@ class LabelConfig:
                 raise ConfigError("label: people answer rank tasks; for pairs use --k 2 (and the default "
                                   "--format ranking), not --format pair")
             if self.format == "best_of_k" and self.mode == "rank":
-                raise ConfigError("label: --format best_of_k with --mode rank; for people, choose the task with "
-                                  "--mode rank|best (written as ranking|best_of_k)")
+                raise ConfigError("label: --format best_of_k with --mode rank; for people say --mode best (best-of-K "
+                                  "tasks, written as best_of_k): --format is the synthetic panel's")
             if self.redundancy < 1 or self.label_wait_s < 0 or self.poll_s <= 0:
                 raise ConfigError("label: redundancy must be >= 1, label_wait_s >= 0 and poll_s > 0")
 

@@ -30,7 +30,7 @@ import palate
 from palate.data.formats import read_comparisons
 from palate.feedback.client import FeedbackClient
 from palate.feedback.store import Store
-from palate.lm.human_label import agreement
+from palate.lm.human_label import RankingQueue, agreement, comparison_id
 
 REPO = Path(palate.__file__).resolve().parents[1]
 
@@ -392,3 +392,71 @@ def test_ppo_goes_on_while_people_answer_and_learns_from_what_arrived(tmp_path, 
     in_checkpoint = {c.meta["answer_id"] for c in resumed.comparisons}
     assert in_checkpoint.isdisjoint(c.meta["answer_id"] for c in late)
     assert in_checkpoint | {c.meta["answer_id"] for c in late} == {r[0] for r in service.rows("SELECT id FROM answers")}
+
+
+# --------------------------------------------------------------------------- the queue alone (in-process service)
+
+
+def test_best_of_k_tasks_and_a_creation_cut_short_by_a_crash(tmp_path):
+    """--mode best writes best_of_k lines; a manifest that missed the 201 re-creates nothing (409 adopted)."""
+    from fastapi.testclient import TestClient
+
+    from palate.errors import ConfigError
+    from palate.feedback.server import create_app
+
+    app = create_app(tmp_path / "fb.sqlite", data_dir=tmp_path / "data")
+    store = app.state.store
+    admin = store.create_token("trainer", "admin", all_projects=True)
+    alice = store.create_token("alice", "labeller", ["lm"])
+    out = tmp_path / "best.jsonl"
+    items = [(comparison_id("r", i, p, c), p, c) for i, (p, c) in enumerate([("Say hi.", ["hi", "go away", "hello"]),
+                                                                            ("Count.", ["1 2 3", "one"])])]
+    with TestClient(app) as http_admin, TestClient(app) as http_alice:
+        fb = FeedbackClient("http://testserver", admin, http=http_admin)
+        person = FeedbackClient("http://testserver", alice, http=http_alice)
+        queue = RankingQueue(fb, "lm", out, mode="best")
+        assert queue.submit(items) == 2 and queue.open_tasks == 2
+        # A crash between the service's COMMIT and the manifest's update: the manifest says "not created".
+        manifest = json.loads(queue.manifest.read_text())
+        for t in manifest["tasks"]:
+            t["created"] = False
+        queue.manifest.write_text(json.dumps(manifest))
+        task, _ = person.next_task("lm")
+        person.answer(task["id"], {"best": 2 if len(task["items"]) == 3 else 0})
+
+        again = RankingQueue(fb, "lm", out, mode="best")
+        assert again.submit(items) == 0  # both exist: 409, adopted, nothing queued twice
+        assert again.wait(timeout_s=0.2, poll_s=0.05, progress=False) is False and again.open_tasks == 1
+        [comp] = read_comparisons(out)
+        assert comp.kind == "best_of_k" and comp.labeller == "alice" and comp.best in (0, 2)
+        with pytest.raises(ConfigError, match="mode='best', not 'rank'"):
+            RankingQueue(fb, "lm", out, mode="rank")
+    con = sqlite3.connect(tmp_path / "fb.sqlite")
+    assert con.execute("SELECT COUNT(*) FROM tasks").fetchall() == [(2,)]
+    con.close()
+
+
+def test_agreement_counts_pairs_both_people_ordered():
+    from palate.data.formats import Comparison
+
+    def answer(who: str, ranks: list[int]) -> Comparison:
+        return Comparison("p", ["a", "b", "c"], ranks, "ranking", labeller=who, meta={"comparison_id": "t1"})
+
+    # Pairs (a,b), (a,c), (b,c): alice 0<1<2; bob ties a and b, then c last: (a,c) and (b,c) agree.
+    stats = agreement([answer("alice", [0, 1, 2]), answer("bob", [0, 0, 1]), answer("carol", [2, 1, 0])])
+    # alice-bob: 2 of 2; alice-carol: 0 of 3; bob-carol: 0 of 2.
+    assert stats["agreement"] == pytest.approx(2 / 7) and stats["agreement_pairs"] == 7
+    assert stats["answers_per_comparison"] == {3: 1} and stats["labellers"] == {"alice": 1, "bob": 1, "carol": 1}
+
+
+def test_human_label_names_the_missing_project_and_token(tmp_path, monkeypatch):
+    from palate.errors import ConfigError
+    from palate.lm.demos import LabelConfig, label_comparisons
+
+    monkeypatch.delenv("PALATE_FEEDBACK_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="--feedback-project NAME"):
+        label_comparisons(LabelConfig(labeller="human", out=str(tmp_path / "x.jsonl")))
+    with pytest.raises(ConfigError, match=r"\$PALATE_FEEDBACK_TOKEN.*create-token"):
+        label_comparisons(LabelConfig(labeller="human", feedback_project="p", out=str(tmp_path / "x.jsonl")))
+    with pytest.raises(ConfigError, match="--mode best"):
+        LabelConfig(labeller="human", format="best_of_k").validate()
