@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 Mode = Literal["rank", "best"]
 _MANIFEST_VERSION = 1
+#: Tasks per creation request: keeps each request body far below the service's size limit.
+_CREATE_BATCH = 64
 #: Seconds between checks for tasks an admin cancelled (they will never be answered).
 _CANCEL_CHECK_S = 30.0
 
@@ -160,29 +162,37 @@ class RankingQueue:
         pending = [t for t in self.tasks.values() if not t["created"]]
         if not pending:
             return 0
+        created = 0
+        for start in range(0, len(pending), _CREATE_BATCH):
+            created += self._create(pending[start:start + _CREATE_BATCH], priority, metadata or {})
+            self._save_manifest()
+        log.info("asked %d new comparisons in project %s (%d in all)", created, self.project, len(self.tasks))
+        return created
+
+    def _create(self, pending: list[dict[str, Any]], priority: int, metadata: dict[str, Any]) -> int:
+        """Create one batch of tasks; a 409 (some exist already) falls back to one at a time."""
         specs = [{"kind": "rank", "prompt": t["prompt"], "completions": t["completions"], "mode": self.mode,
                   "redundancy": self.redundancy, "priority": priority, "external_id": t["external_id"],
-                  "metadata": dict(metadata or {})} for t in pending]
-        created = 0
+                  "metadata": dict(metadata)} for t in pending]
         try:
             ids = self.client.create_tasks(self.project, specs)
-            for t, tid in zip(pending, ids):
-                t["created"], t["task_id"] = True, int(tid)
-            created = len(ids)
         except FeedbackError as err:
             if getattr(err, "status", None) != 409:
                 raise
-            # Some of them exist (a crash after the service committed): create the rest one by one.
-            for t, spec in zip(pending, specs):
-                try:
-                    t["task_id"] = int(self.client.create_tasks(self.project, [spec])[0])
-                    created += 1
-                except FeedbackError as one:
-                    if getattr(one, "status", None) != 409:
-                        raise
-                t["created"] = True
-        self._save_manifest()
-        log.info("asked %d new comparisons in project %s (%d in all)", created, self.project, len(self.tasks))
+        else:
+            for t, tid in zip(pending, ids):
+                t["created"], t["task_id"] = True, int(tid)
+            return len(ids)
+        # Some of them exist (a crash after the service committed): create the rest one by one.
+        created = 0
+        for t, spec in zip(pending, specs):
+            try:
+                t["task_id"] = int(self.client.create_tasks(self.project, [spec])[0])
+                created += 1
+            except FeedbackError as one:
+                if getattr(one, "status", None) != 409:
+                    raise
+            t["created"] = True
         return created
 
     # -- answers -------------------------------------------------------------------------------

@@ -136,7 +136,7 @@ def test_sigkill_and_restart_keep_every_answer_once_and_ask_nothing_twice(tmp_pa
     cmd = _label_cmd(tiny_dir, service, out, "--limit", str(n_prompts), "--redundancy", str(redundancy))
     env = {**os.environ, "PALATE_FEEDBACK_TOKEN": service.admin, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    people = [ScriptedPerson(service.url, tok, name, pause_s=0.3) for name, tok in service.people.items()]
+    people = [ScriptedPerson(service.url, tok, name, pause_s=0.4) for name, tok in service.people.items()]
     for p in people:
         p.start()
     deadline = time.monotonic() + 120
