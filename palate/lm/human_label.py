@@ -122,6 +122,7 @@ class RankingQueue:
         self.tied = 0
         self._cursor = 0  # every start reads the project from its first answer: see the module doc
         self._last_cancel_check = time.monotonic()
+        self.cancel_check_s = _CANCEL_CHECK_S
         client.ensure_project(project, "palate: people rank language-model completions")
 
     # -- the manifest --------------------------------------------------------------------------
@@ -243,7 +244,7 @@ class RankingQueue:
 
     def _check_cancelled(self) -> None:
         """Count tasks an admin cancelled as finished, or a wait for all answers would never end."""
-        if time.monotonic() - self._last_cancel_check < _CANCEL_CHECK_S:
+        if time.monotonic() - self._last_cancel_check < self.cancel_check_s:
             return
         self._last_cancel_check = time.monotonic()
         ids = {int(t["task_id"]): e for e, t in self.tasks.items()

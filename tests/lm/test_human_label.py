@@ -429,6 +429,11 @@ def test_best_of_k_tasks_and_a_creation_cut_short_by_a_crash(tmp_path):
         assert again.wait(timeout_s=0.2, poll_s=0.05, progress=False) is False and again.open_tasks == 1
         [comp] = read_comparisons(out)
         assert comp.kind == "best_of_k" and comp.labeller == "alice" and comp.best in (0, 2)
+        # An admin cancels the open task: it will never be answered, so the wait ends.
+        again.cancel_check_s = 0.0
+        open_id = next(t["task_id"] for e, t in again.tasks.items() if not again.n_answers[e])
+        assert fb.cancel("lm", [open_id]) == 1
+        assert again.wait(timeout_s=5, poll_s=0.05, progress=False) is True and again.expected == 1
         with pytest.raises(ConfigError, match="mode='best', not 'rank'"):
             RankingQueue(fb, "lm", out, mode="rank")
     con = sqlite3.connect(tmp_path / "fb.sqlite")
