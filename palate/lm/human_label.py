@@ -26,6 +26,7 @@ With redundancy n > 1 every person's answer is its own line, ``labeller`` naming
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -128,8 +129,6 @@ class RankingQueue:
     # -- the manifest --------------------------------------------------------------------------
 
     def _load_manifest(self) -> None:
-        import json
-
         data = json.loads(self.manifest.read_text())
         if data.get("version") != _MANIFEST_VERSION:
             raise ConfigError(f"{self.manifest}: unknown task manifest version {data.get('version')!r}")
@@ -316,6 +315,10 @@ def label_with_people(cfg: Any) -> Path:
     prompts = load_task(cfg.task).prompts(cfg.split)
     n = min(cfg.limit, len(prompts)) if cfg.limit else len(prompts)
     run = cfg.feedback_run or f"{cfg.task}-{cfg.split}-s{cfg.seed}"
+    other_k = sorted({len(t["completions"]) for t in queue.tasks.values()} - {cfg.k})
+    if other_k:
+        raise ConfigError(f"label: {queue.manifest} holds comparisons of k={other_k[0]} completions, not --k {cfg.k}; "
+                          f"keep --k {other_k[0]} to go on with them, or write to another --out (a new round)")
     asked = {t.get("prompt_index") for t in queue.tasks.values()}
     if any(i not in asked for i in range(n)):
         _task, prompts, grouped = _candidates(cfg.model, cfg.cache_dir, cfg.task, cfg.split, n, cfg.k,
