@@ -141,7 +141,7 @@ def add_parser(subparsers: Any) -> None:
          "palate.lm.config.DPOConfig", _run_dpo)
     _add(lm_sub, "demos", "build demonstrations by best-of-N sampling judged by the panel",
          "palate.lm.demos.DemosConfig", _run_demos)
-    _add(lm_sub, "label", "sample K completions per prompt and have the panel rank them",
+    _add(lm_sub, "label", "sample K completions per prompt and have the panel (or people) rank them",
          "palate.lm.demos.LabelConfig", _run_label)
 
 

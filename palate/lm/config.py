@@ -239,6 +239,13 @@ class LMPPOConfig:
     online_rm_epochs: int = doc_field(1, "reward-model epochs over all comparisons after an online round")
     online_rm_learning_rate: float = doc_field(1e-5, "learning rate of the online reward-model update")
     online_comparisons: str | None = doc_field(None, "comparisons JSONL the RM was trained on (online rounds add to it)")
+    online_labeller: Literal["synthetic", "human"] = doc_field(
+        "synthetic", "who ranks online rounds: the task panel's training labellers, or people through the feedback "
+        "service (PPO goes on while they answer; the RM is retrained on what has arrived)")
+    online_redundancy: int = doc_field(1, "human online labeller: people asked per comparison")
+    feedback_url: str = doc_field("http://127.0.0.1:8000", "human online labeller: the feedback service")
+    feedback_token_env: str = doc_field("PALATE_FEEDBACK_TOKEN", "human online labeller: env var holding the admin token")
+    feedback_project: str | None = doc_field(None, "human online labeller: feedback project (default: the run name)")
     save_every: int = doc_field(5, "checkpoint every N iterations (and at the end)")
     log_samples: int = doc_field(4, "completions written to samples.jsonl per iteration")
     dtype: str = doc_field("float32", "weights dtype (float32 on CPU; bfloat16 on GPU)")
@@ -267,6 +274,8 @@ class LMPPOConfig:
             raise ConfigError("ptx_coef and kl_coef must be >= 0")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.online_redundancy < 1:
+            raise ConfigError(f"online_redundancy must be >= 1 (people per comparison), got {self.online_redundancy}")
 
     @property
     def run_dir(self) -> Path:

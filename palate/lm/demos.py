@@ -9,6 +9,8 @@
   temperature). ``labellers: train`` assigns one training labeller per prompt in turn, like the
   contractors; ``labellers: all`` has every labeller, the held-out one included, rank the same
   samples, which is what validation sets need for per-labeller and held-out accuracy.
+  ``labeller: human`` asks people instead, through the feedback service
+  (:mod:`palate.lm.human_label`).
 """
 
 from __future__ import annotations
@@ -58,7 +60,21 @@ class LabelConfig:
         "ranking", "ranking (InstructGPT), best_of_k (Ziegler) or pair (best vs worst of K)")
     labellers: Literal["train", "all", "held_out"] = doc_field(
         "train", "train: one training labeller per prompt in turn; all: every labeller ranks every "
-        "prompt (validation sets); held_out: only the held-out labeller")
+        "prompt (validation sets); held_out: only the held-out labeller (synthetic panel only)")
+    labeller: Literal["synthetic", "human"] = doc_field(
+        "synthetic", "who ranks: the task's synthetic panel, or people through the feedback service")
+    mode: Literal["rank", "best"] = doc_field(
+        "rank", "human labeller: people order all K (rank, written as rankings) or pick the best (best, "
+        "written as best_of_k)")
+    redundancy: int = doc_field(1, "human labeller: people asked per comparison (each answer is its own line)")
+    feedback_url: str = doc_field("http://127.0.0.1:8000", "human labeller: the feedback service")
+    feedback_token_env: str = doc_field("PALATE_FEEDBACK_TOKEN", "human labeller: env var holding the admin token")
+    feedback_project: str | None = doc_field(None, "human labeller: feedback project the tasks go to")
+    feedback_run: str = doc_field(
+        "", "human labeller: names this round in the tasks' external ids (default: <task>-<split>-s<seed>)")
+    label_wait_s: float = doc_field(
+        0.0, "human labeller: longest wait for all answers before stopping with how to resume (0: no limit)")
+    poll_s: float = doc_field(2.0, "human labeller: seconds between reads of new answers")
     max_new_tokens: int = doc_field(0, "tokens per completion (0: the task's default)")
     temperature: float = doc_field(1.0, "sampling temperature")
     top_p: float = doc_field(1.0, "nucleus sampling mass")
@@ -70,6 +86,15 @@ class LabelConfig:
     def validate(self) -> None:
         if not 2 <= self.k <= 9:
             raise ConfigError(f"label: k must be in 2..9, got {self.k}")
+        if self.labeller == "human":
+            if self.format == "pair":
+                raise ConfigError("label: people answer rank tasks; for pairs use --k 2 (and the default "
+                                  "--format ranking), not --format pair")
+            if self.format == "best_of_k" and self.mode == "rank":
+                raise ConfigError("label: --format best_of_k with --mode rank; for people say --mode best (best-of-K "
+                                  "tasks, written as best_of_k): --format is the synthetic panel's")
+            if self.redundancy < 1 or self.label_wait_s < 0 or self.poll_s <= 0:
+                raise ConfigError("label: redundancy must be >= 1, label_wait_s >= 0 and poll_s > 0")
 
 
 def _candidates(model_name: str, cache_dir: str, task_name: str, split: str, limit: int, n: int,
@@ -117,8 +142,12 @@ def build_demonstrations(cfg: DemosConfig) -> Path:
 
 
 def label_comparisons(cfg: LabelConfig) -> Path:
-    """Sample K completions per prompt and write the panel's comparisons to ``cfg.out``."""
+    """Sample K completions per prompt and write the panel's (or people's) comparisons to ``cfg.out``."""
     cfg.validate()
+    if cfg.labeller == "human":
+        from palate.lm.human_label import label_with_people
+
+        return label_with_people(cfg)
     task, prompts, grouped = _candidates(cfg.model, cfg.cache_dir, cfg.task, cfg.split, cfg.limit, cfg.k,
                                          cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size, cfg.seed)
     panel = task.panel  # type: ignore[attr-defined]

@@ -8,9 +8,13 @@ training prompts from the current policy, has them ranked, measures the current 
 pairwise accuracy on these *new* rankings (an honest check of how far off-distribution it has
 drifted), appends them to the comparison set and fine-tunes the reward model on all of it.
 
-The labeller is pluggable: anything with ``compare(prompt, completions, rng) -> ranks`` works, so
-the synthetic panel's training labellers (never the held-out one) and, later, people answering
-through the feedback service's client are interchangeable.
+The labeller is pluggable: anything with ``compare(prompt, completions, rng) -> ranks`` answers on
+the spot (the synthetic panel's training labellers, never the held-out one). People answer
+minutes later: an *asynchronous* labeller (``asynchronous = True``, with ``ask(iteration, prompts,
+groups)`` and ``arrived()``, e.g. :class:`palate.lm.human_label.PeopleRanking`) gets the round's
+comparisons posted as tasks, PPO goes on, and each round retrains the reward model on whatever
+answers have arrived since the last one (from any earlier round). The accuracy check then
+measures the current reward model on those answers, whose completions came from an older policy.
 """
 
 from __future__ import annotations
@@ -118,14 +122,21 @@ class OnlineCollector:
     @classmethod
     def from_config(cls, cfg: Any, reward_model: torch.nn.Module, tokenizer, task: Any,
                     comparisons_path: str | None = None) -> OnlineCollector:
-        """The collector of an :class:`LMPPOConfig` with the task panel's training labellers."""
+        """The collector of an :class:`LMPPOConfig`: the task panel's training labellers, or people."""
         comps = []
         if comparisons_path:
             from palate.data.formats import read_comparisons
 
             comps = read_comparisons(comparisons_path)
         chat = task.chat if cfg.chat is None else cfg.chat
-        return cls(reward_model, tokenizer, RoundRobinPanel(task.panel), comps, k=cfg.online_k,
+        labeller: Any = RoundRobinPanel(task.panel)
+        if getattr(cfg, "online_labeller", "synthetic") == "human":
+            from palate.lm.human_label import PeopleRanking, feedback_client
+
+            labeller = PeopleRanking(feedback_client(cfg.feedback_url, cfg.feedback_token_env),
+                                     cfg.feedback_project or cfg.run_name, cfg.run_dir, run=cfg.run_name,
+                                     redundancy=cfg.online_redundancy)
+        return cls(reward_model, tokenizer, labeller, comps, k=cfg.online_k,
                    n_prompts=cfg.online_prompts, rm_epochs=cfg.online_rm_epochs,
                    learning_rate=cfg.online_rm_learning_rate, chat=chat,
                    max_length=getattr(reward_model, "max_length", 256), seed=cfg.seed + 7)
@@ -144,26 +155,36 @@ class OnlineCollector:
         batch = sample(trainer.unwrapped.policy, trainer.tokenizer, ids, trainer.max_new_tokens,
                        trainer.cfg.temperature, batch_size=trainer.cfg.forward_batch_size)
         texts = decode_responses(trainer.tokenizer, batch)
-        new = []
+        groups = [texts[j * self.k:(j + 1) * self.k] for j in range(len(prompts))]
+        extra: dict[str, float] = {}
+        if getattr(self.labeller, "asynchronous", False):
+            # People: post this round's comparisons, learn from whatever answers have come in.
+            extra["online/asked"] = float(self.labeller.ask(iteration, prompts, groups))
+            arrived = self.labeller.arrived()
+            extra["online/pending"] = float(self.labeller.pending)
+        else:
+            arrived = []
+            for prompt, cands in zip(prompts, groups):
+                ranks = list(self.labeller.compare(prompt, cands, self.rng))
+                if len(set(ranks)) < 2:
+                    continue  # all tied: nothing to learn
+                arrived.append(Comparison(prompt, list(cands), ranks, "ranking",
+                                          labeller=getattr(self.labeller, "last_name", "")
+                                          or getattr(self.labeller, "name", ""), source=f"online:{iteration}"))
         correct = pairs = 0
-        for j, prompt in enumerate(prompts):
-            cands = texts[j * self.k:(j + 1) * self.k]
-            ranks = list(self.labeller.compare(prompt, cands, self.rng))
-            if len(set(ranks)) < 2:
-                continue  # all tied: nothing to learn
+        for comp in arrived:
             with torch.no_grad():
-                scores = self.rm.score_texts([prompt] * len(cands), cands, self.tokenizer, batch_size=self.k)
-            c, p = pairwise_accuracy(scores, ranks)
+                scores = self.rm.score_texts([comp.prompt] * len(comp.completions), comp.completions, self.tokenizer,
+                                             batch_size=len(comp.completions))
+            c, p = pairwise_accuracy(scores, comp.ranks)
             correct, pairs = correct + c, pairs + p
-            new.append(Comparison(prompt, list(cands), ranks, "ranking",
-                                  labeller=getattr(self.labeller, "last_name", "") or getattr(self.labeller, "name", ""),
-                                  source=f"online:{iteration}"))
+        new = arrived
         self.comparisons.extend(new)
         loss = self.retrain() if new else float("nan")
         self.rounds += 1
         metrics = {"online/labels": float(len(new)), "online/comparisons_total": float(len(self.comparisons)),
                    "online/rm_accuracy": correct / pairs if pairs else float("nan"),
-                   "online/rm_loss": loss, "online/seconds": time.perf_counter() - t0}
+                   "online/rm_loss": loss, "online/seconds": time.perf_counter() - t0, **extra}
         log.info("online round %d before iteration %d: %d new comparisons, RM accuracy on them %.3f",
                  self.rounds, iteration, len(new), metrics["online/rm_accuracy"])
         return metrics
@@ -238,6 +259,7 @@ class OnlineCollector:
         self.rng.bit_generator.state = state["rng"]
         self.rounds = int(state["rounds"])
         self.comparisons = []
+        fields = {"prompt", "chosen", "rejected", "completions", "ranking", "best", "labeller", "_kind", "_ranks"}
         for rec in state["comparisons"]:
             kind, ranks = rec["_kind"], rec["_ranks"]
             if kind == "pair":
@@ -245,4 +267,8 @@ class OnlineCollector:
             else:
                 comps = list(rec["completions"])
             self.comparisons.append(Comparison(rec["prompt"], comps, list(ranks), kind, best=rec.get("best"),
-                                               labeller=rec.get("labeller")))
+                                               labeller=rec.get("labeller"),
+                                               meta={k: v for k, v in rec.items() if k not in fields}))
+        if hasattr(self.labeller, "delivered"):
+            # People's answers read after this checkpoint are in the labeller's JSONL: hand them out again.
+            self.labeller.delivered = {int(c.meta["answer_id"]) for c in self.comparisons if "answer_id" in c.meta}

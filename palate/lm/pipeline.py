@@ -1,6 +1,11 @@
 """The InstructGPT pipeline end to end: demonstrations -> SFT -> comparisons -> RM -> PPO -> eval -> best-of-N
 (-> DPO on the same rankings -> its eval) -> report.
 
+With ``label: {labeller: human, label_wait_s: S}`` the label stage asks people through the
+feedback service and waits up to S seconds for all answers; if they are not all in, the pipeline
+stops with a message, and running it again picks up the answers given meanwhile (no task is
+asked twice, see :mod:`palate.lm.human_label`).
+
 Each stage writes its own run directory ``<runs_dir>/<name>/<stage>/`` and finishes by writing
 ``summary.json``; a stage whose ``summary.json`` exists is skipped, so an interrupted pipeline
 continues where it stopped and a finished one only rebuilds its report. Each stage's section of
@@ -68,6 +73,13 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
         "torch_threads": cfg.torch_threads, **reward}
     if cfg.ppo.get("online_every"):
         ppo_defaults["online_comparisons"] = str(root / "label" / "comparisons.jsonl")
+    # People (label: {labeller: human} / ppo: {online_labeller: human}) answer in the feedback project
+    # named after the pipeline unless a section names another; online tasks go where the label
+    # stage's went, through the same service.
+    people = {"feedback_project": cfg.name, **{k: v for k, v in cfg.label.items()
+                                               if k in ("feedback_url", "feedback_token_env", "feedback_project")}}
+    if cfg.ppo.get("online_labeller") == "human":
+        ppo_defaults.update(people)
     val = {"val_data": str(root / "label" / "val.jsonl")} if cfg.label_val else {}
     eval_defaults = {"reference": sft_model, "task": cfg.task, "seed": cfg.seed + 1234,
                      "torch_threads": cfg.torch_threads, "reward_model": rm_model if uses_rm else None}
@@ -80,11 +92,13 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
                                    "run_name": "sft", "overwrite": True, "tensorboard": False},
                        cfg.sft, "pipeline sft"),
         "label": _merged(LabelConfig, {"model": sft_model, "task": cfg.task, "split": "train",
-                                       "out": str(root / "label" / "comparisons.jsonl"), "seed": cfg.seed + 1},
+                                       "out": str(root / "label" / "comparisons.jsonl"), "seed": cfg.seed + 1,
+                                       "feedback_project": cfg.name, "feedback_run": f"{cfg.name}-label"},
                          cfg.label, "pipeline label"),
         "label_val": _merged(LabelConfig, {"model": sft_model, "task": cfg.task, "split": "validation",
                                            "labellers": "all", "out": str(root / "label" / "val.jsonl"),
-                                           "seed": cfg.seed + 2}, cfg.label_val, "pipeline label_val")
+                                           "seed": cfg.seed + 2, "feedback_project": cfg.name,
+                                           "feedback_run": f"{cfg.name}-label-val"}, cfg.label_val, "pipeline label_val")
         if cfg.label_val else None,
         "rm": _merged(RMConfig, {"model": sft_model, "task": cfg.task, "seed": cfg.seed,
                                  "train_data": str(root / "label" / "comparisons.jsonl"), "runs_dir": str(root),

@@ -310,6 +310,10 @@ def write_report(root: str | Path, n_samples: int = 6) -> Path:
         lines += ["## Online collection", "", "| before iteration | new labels | RM accuracy on them |", "|---|---|---|"]
         lines += [f"| {m['step']} | {m.get('online/labels')} | {_fmt(m.get('online/rm_accuracy'))} |" for m in online]
         lines.append("")
+    from palate.lm.human_label import people_report_lines
+
+    lines += people_report_lines({"label stage": root / "label" / "comparisons.jsonl",
+                                  "online collection (PPO)": root / "ppo" / "online_human.jsonl"})
     lines += ["## Plots", ""]
     for title, key in (("Overoptimisation: gold and proxy scores against KL", "overoptimisation"),
                        ("Reward and KL during PPO", "training"), ("Reward vs KL", "frontier"),
