@@ -221,7 +221,7 @@ class FeedbackClient:
         return self._request("GET", f"/api/projects/{project}/stats", idempotent=True)
 
     def export(self, project: str, fmt: str | None = None) -> list[dict[str, Any]]:
-        """Answers in a trainer format (``pairs``, ``text_pairs``, ``rankings``, ``best_of_k``)."""
+        """Answers in a trainer format (``pairs``, ``text_pairs``, ``rankings``, ``best_of_k``, ``hf``)."""
         params = {"format": fmt} if fmt else {}
         text = self._request("GET", f"/api/projects/{project}/export", params=params, idempotent=True)
         return [json.loads(line) for line in text.splitlines() if line.strip()]
