@@ -163,6 +163,20 @@ class FeedbackClient:
         )
         return {int(k): v for k, v in out["tasks"].items()}
 
+    def find_tasks(self, project: str, external_ids: list[str], batch: int = 1000) -> dict[str, dict[str, Any]]:
+        """``{external_id: {"id", "status", "n_answers", "redundancy"}}`` for the ids the project holds.
+
+        Asked ``batch`` ids per request, to stay well inside the server's body limit.
+        """
+        out: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(external_ids), batch):
+            part = external_ids[i : i + batch]
+            got = self._request(
+                "POST", f"/api/projects/{project}/tasks/find", json={"external_ids": part}, idempotent=True
+            )
+            out.update(got["tasks"])
+        return out
+
     def answers_since(
         self, project: str, cursor: int = 0, limit: int = 500
     ) -> tuple[list[dict[str, Any]], int]:

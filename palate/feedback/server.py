@@ -59,6 +59,10 @@ class IdsBody(BaseModel):
     ids: list[int] = Field(max_length=100_000)
 
 
+class ExternalIdsBody(BaseModel):
+    external_ids: list[str] = Field(max_length=100_000)
+
+
 class NextBody(BaseModel):
     project: str | None = None
 
@@ -377,6 +381,12 @@ def create_app(
         who = admin(request)
         found = store.task_status(store.resolve_project(who, project), body.ids)
         return {"tasks": {str(k): v for k, v in found.items()}}
+
+    @app.post("/api/projects/{project}/tasks/find")
+    async def find_tasks(request: Request, project: str, body: ExternalIdsBody) -> dict[str, Any]:
+        """The tasks with these external ids (a restarted run finding the tasks it created)."""
+        who = admin(request)
+        return {"tasks": store.find_tasks(store.resolve_project(who, project), body.external_ids)}
 
     @app.get("/api/projects/{project}/answers")
     async def answers(request: Request, project: str, since: int = 0, limit: int = 500) -> dict[str, Any]:
