@@ -40,6 +40,7 @@ def _requests(ids):
         ("post", "/api/projects/p/tasks", {"json": {"tasks": [{"kind": "pair", "left": "a", "right": "b"}]}}),
         ("post", "/api/projects/p/tasks/cancel", {"json": {"ids": [t]}}),
         ("post", "/api/projects/p/tasks/status", {"json": {"ids": [t]}}),
+        ("post", "/api/projects/p/tasks/find", {"json": {"external_ids": ["x"]}}),
         ("get", "/api/projects/p/answers", {}),
         ("get", "/api/projects/p/stats", {}),
         ("get", "/api/projects/p/export", {}),
