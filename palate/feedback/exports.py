@@ -56,6 +56,12 @@ def preference_pairs(fmt: str, answer: dict[str, Any], values: list[str]) -> lis
     return []
 
 
+def _pair_lines(prompt: str, pairs: list[tuple[str, str]], labeller: str, cid: str) -> Iterator[dict[str, Any]]:
+    """The ``text_pairs`` / ``hf`` line of each (chosen, rejected) pair."""
+    for chosen, rejected in pairs:
+        yield {"prompt": prompt, "chosen": chosen, "rejected": rejected, "labeller": labeller, "comparison_id": cid}
+
+
 def _spec_from_export(obj: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Turn one exported line back into a task spec and its answer."""
     if "ranking" in obj:
@@ -159,16 +165,7 @@ class ExportStore:
                     **json.loads(r["metadata"]),
                 }
             elif this == "text_pairs":
-                if answer["choice"] not in ("left", "right"):
-                    continue
-                chosen, rejected = values if answer["choice"] == "left" else values[::-1]
-                yield {
-                    "prompt": payload["prompt"],
-                    "chosen": chosen,
-                    "rejected": rejected,
-                    "labeller": r["labeller"],
-                    "comparison_id": cid,
-                }
+                yield from _pair_lines(payload["prompt"], preference_pairs(this, answer, values), r["labeller"], cid)
             elif answer.get("cant_tell"):
                 continue
             elif this == "rankings":
@@ -195,14 +192,8 @@ class ExportStore:
                 continue
             cid = r["external_id"] if r["external_id"] is not None else f"{r['project']}:{r['task_id']}"
             values = [it["text"] for it in payload["items"]]
-            for chosen, rejected in preference_pairs(this, json.loads(r["answer"]), values):
-                yield {
-                    "prompt": payload["prompt"],
-                    "chosen": chosen,
-                    "rejected": rejected,
-                    "labeller": r["labeller"],
-                    "comparison_id": cid,
-                }
+            pairs = preference_pairs(this, json.loads(r["answer"]), values)
+            yield from _pair_lines(payload["prompt"], pairs, r["labeller"], cid)
 
     def import_rows(self, project_id: int, rows: Iterable[tuple[int, Any]]) -> dict[str, int]:
         """Load labelled comparisons (the export formats) as completed tasks with their answers.
