@@ -64,8 +64,10 @@ def test_ranking_page_at_phone_and_laptop_width_by_keyboard_and_drag_with_a_coun
         try:
             for screen, (width, height) in VIEWPORTS.items():
                 token, ids = people[screen]
-                context = browser.new_context(viewport={"width": width, "height": height}, has_touch=width < 500)
-                _label_four_tasks(context.new_page(), server.url, token, ids, width)
+                touch = width < 500
+                context = browser.new_context(viewport={"width": width, "height": height}, has_touch=touch,
+                                              is_mobile=touch)
+                _label_four_tasks(context.new_page(), server.url, token, ids, width, touch)
                 context.close()
         finally:
             browser.close()
@@ -83,7 +85,8 @@ def test_ranking_page_at_phone_and_laptop_width_by_keyboard_and_drag_with_a_coun
     assert len(rows) == 8
 
 
-def _label_four_tasks(page, url: str, token: str, ids: dict[str, int], width: int) -> None:
+def _label_four_tasks(page, url: str, token: str, ids: dict[str, int], width: int, touch: bool) -> None:
+    """Rank by keys, drag (by touch on the phone), best of K, can't tell; the count goes 4, 3, 2, 1, 0."""
     page.set_default_timeout(15_000)
     page.goto(url + "/")
     page.fill("#token", token)
@@ -108,7 +111,7 @@ def _label_four_tasks(page, url: str, token: str, ids: dict[str, int], width: in
     page.keyboard.press("Enter")
     page.wait_for_selector(f"body[data-last-answered='{ids['keys']}']")
 
-    # 2. Drag the third card ("blue") above the first by its handle.
+    # 2. Drag the third card ("blue") above the first by its handle: a finger on the phone.
     page.wait_for_selector(f"body[data-task-id='{ids['drag']}']")
     assert _left(page) == 3
     assert _no_horizontal_scroll(page)
@@ -117,10 +120,19 @@ def _label_four_tasks(page, url: str, token: str, ids: dict[str, int], width: in
     page.evaluate("window.scrollTo(0, document.getElementById('rank-list').offsetTop - 8)")
     handle = cards.nth(2).locator(".handle").bounding_box()
     top = cards.nth(0).bounding_box()
-    page.mouse.move(handle["x"] + handle["width"] / 2, handle["y"] + handle["height"] / 2)
-    page.mouse.down()
-    page.mouse.move(top["x"] + 40, top["y"] + 4, steps=12)
-    page.mouse.up()
+    x, y = handle["x"] + handle["width"] / 2, handle["y"] + handle["height"] / 2
+    if touch:  # a finger, through Chromium's touch input (Playwright has taps only)
+        cdp = page.context.new_cdp_session(page)
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": x, "y": y}]})
+        for i in range(1, 13):
+            point = {"x": x, "y": y + (top["y"] + 4 - y) * i / 12}
+            cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [point]})
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    else:
+        page.mouse.move(x, y)
+        page.mouse.down()
+        page.mouse.move(top["x"] + 40, top["y"] + 4, steps=12)
+        page.mouse.up()
     assert [li.get_attribute("data-index") for li in cards.all()] == ["2", "0", "1"]
     page.click("#rank-submit")
     page.wait_for_selector(f"body[data-last-answered='{ids['drag']}']")
