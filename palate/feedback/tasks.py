@@ -153,7 +153,7 @@ def normalize_answer(mode: str, k: int, answer: Any) -> dict[str, Any]:
     if not isinstance(answer, dict):
         raise BadInput("answer: expected a JSON object")
     if mode != "pair" and "cant_tell" in answer:
-        if answer != {"cant_tell": True}:
+        if answer.get("cant_tell") is not True or len(answer) != 1:
             raise BadInput("answer: \"can't tell\" on a ranking or best-of-K task is exactly {'cant_tell': true}")
         return {"cant_tell": True}
     if mode == "pair":
