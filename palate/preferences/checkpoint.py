@@ -206,7 +206,6 @@ class TrainerCheckpoint:
                 log.info("the environments could not be restored: new episodes start at step %d", state["step"])
         set_rng_state(blob["global_rng"])
 
-
     def _adopt_open_queries(self, recorded: list[Any], store: Any, channel: Any) -> dict[str, str]:
         """Hand the interrupted process's open queries to this one; returns ``{id: shard}`` of those waiting.
 
