@@ -12,7 +12,9 @@ Formats (one JSON object per line; extra keys are kept as ``meta``):
 * Rankings (InstructGPT): ``{"prompt", "completions": [K strings], "ranking": [K ints]}`` with
   K = 2..9, rank 0 = best, equal ranks = ties (they form no pair).
 * Best-of-K (Ziegler et al.): ``{"prompt", "completions": [K strings], "best": int}``.
-* Pairs (TRL's format): ``{"prompt", "chosen": str, "rejected": str}``.
+* Pairs (TRL's standard preference format, what ``palate feedback export --format hf`` writes):
+  ``{"prompt", "chosen": str, "rejected": str}``. TRL's implicit-prompt and conversational
+  forms are refused with the conversion to make.
 
 Any of these may carry ``"labeller": str``, used for per-labeller accuracy. Sources are a JSONL
 path, or any ``datasets`` source as ``hf:<name>[:<split>]`` or a ``.json``/``.parquet``/``.csv`` file
@@ -124,7 +126,8 @@ def _dataset_rows(source: str) -> Iterator[tuple[str, int, Any]]:
     except Exception as err:  # datasets raises many types for a missing or malformed source
         raise DataError(f"{source}: cannot load as a datasets source ({err}); check the name, split and files") from err
     for i, row in enumerate(ds, start=1):
-        yield source, i, row
+        # A table has every column in every row: a column another format's rows fill is None here.
+        yield source, i, {k: v for k, v in row.items() if v is not None} if isinstance(row, dict) else row
 
 
 def _field(file: str, line: int, obj: dict[str, Any], name: str, kind: type, fix: str) -> Any:
@@ -172,10 +175,27 @@ def parse_sft(file: str, line: int, obj: Any) -> SFTExample:
     return SFTExample(prompt=prompt, completion=response, source=where, meta=meta)
 
 
+#: The fields that tell a comparison record from any other line.
+_COMPARISON_KEYS = frozenset({"chosen", "rejected", "completions", "ranking", "best"})
+COMPARISON_SHAPES = ('a comparison is {"prompt", "chosen", "rejected"} (the preference format of TRL and of '
+                     '`palate feedback export --format hf`), {"prompt", "completions", "ranking"} or '
+                     '{"prompt", "completions", "best"}')
+
+
 def parse_comparison(file: str, line: int, obj: Any) -> Comparison:
     """One comparison record; the format (ranking, best-of-K, pair) is detected from its fields."""
     obj = _object(file, line, obj)
     where = f"{file}:{line}"
+    if not _COMPARISON_KEYS & set(obj):
+        keys = ", ".join(repr(k) for k in sorted(obj)[:8]) or "none"
+        raise DataError(f"{where}: not a comparison (its keys: {keys}); {COMPARISON_SHAPES}")
+    if "prompt" not in obj and "chosen" in obj:
+        raise DataError(f"{where}: field 'prompt' is missing; a pair with the prompt inside 'chosen' and "
+                        "'rejected' (TRL's implicit-prompt form) must be split: put the shared prompt in "
+                        "'prompt' and only the responses in 'chosen'/'rejected'")
+    if any(isinstance(obj.get(k), list) for k in ("prompt", "chosen", "rejected")):
+        raise DataError(f"{where}: 'prompt'/'chosen'/'rejected' are lists of chat messages (TRL's conversational "
+                        "form); palate reads texts: render each with the model's chat template into a string")
     prompt = _field(file, line, obj, "prompt", str, "every comparison needs the prompt text")
     labeller = obj.get("labeller")
     if labeller is not None and not isinstance(labeller, str):

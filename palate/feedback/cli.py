@@ -61,7 +61,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--format",
         choices=EXPORT_FORMATS,
         default=None,
-        help="which format to write when a project holds several",
+        help="which format to write when a project holds several; hf: prompt/chosen/rejected pairs of every "
+        "text task (rankings expanded to pairs), as TRL and `palate lm rm --train-data` read them",
     )
     p.set_defaults(func=export)
 

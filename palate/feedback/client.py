@@ -163,6 +163,20 @@ class FeedbackClient:
         )
         return {int(k): v for k, v in out["tasks"].items()}
 
+    def find_tasks(self, project: str, external_ids: list[str], batch: int = 1000) -> dict[str, dict[str, Any]]:
+        """``{external_id: {"id", "status", "n_answers", "redundancy"}}`` for the ids the project holds.
+
+        Asked ``batch`` ids per request, to stay well inside the server's body limit.
+        """
+        out: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(external_ids), batch):
+            part = external_ids[i : i + batch]
+            got = self._request(
+                "POST", f"/api/projects/{project}/tasks/find", json={"external_ids": part}, idempotent=True
+            )
+            out.update(got["tasks"])
+        return out
+
     def answers_since(
         self, project: str, cursor: int = 0, limit: int = 500
     ) -> tuple[list[dict[str, Any]], int]:
@@ -221,7 +235,7 @@ class FeedbackClient:
         return self._request("GET", f"/api/projects/{project}/stats", idempotent=True)
 
     def export(self, project: str, fmt: str | None = None) -> list[dict[str, Any]]:
-        """Answers in a trainer format (``pairs``, ``text_pairs``, ``rankings``, ``best_of_k``)."""
+        """Answers in a trainer format (``pairs``, ``text_pairs``, ``rankings``, ``best_of_k``, ``hf``)."""
         params = {"format": fmt} if fmt else {}
         text = self._request("GET", f"/api/projects/{project}/export", params=params, idempotent=True)
         return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -12,6 +12,7 @@ from typing import Any
 from palate.feedback.errors import BadInput
 from palate.feedback.tasks import (
     EXPORT_FORMATS,
+    HF_FORMAT,
     MAX_REDUNDANCY,
     RESERVED_KEYS,
     normalize_answer,
@@ -28,6 +29,37 @@ def _item_value(item: dict[str, str], media_ext: dict[str, str]) -> str:
         sha = item["media"]
         return f"{sha}.{media_ext.get(sha, 'bin')}"
     return item["text"]
+
+
+def preference_pairs(fmt: str, answer: dict[str, Any], values: list[str]) -> list[tuple[str, str]]:
+    """The (chosen, rejected) pairs one answer states, as TRL's preference datasets hold them.
+
+    A text pair gives its winner over its loser ('equal' and "can't tell" give nothing); a
+    ranking gives every pair of completions it orders strictly, best first (tied completions
+    form no pair), which is InstructGPT's K-choose-2 expansion; best of K gives the best over
+    each of the others. Pairs come in the order of the completions shown, best-ranked first.
+    """
+    if answer.get("cant_tell"):
+        return []
+    if fmt == "text_pairs":
+        choice = answer["choice"]
+        if choice not in ("left", "right"):
+            return []
+        return [(values[0], values[1])] if choice == "left" else [(values[1], values[0])]
+    if fmt == "rankings":
+        ranks = answer["ranking"]
+        order = sorted(range(len(values)), key=lambda i: (ranks[i], i))
+        return [(values[i], values[j]) for a, i in enumerate(order) for j in order[a + 1 :] if ranks[i] < ranks[j]]
+    if fmt == "best_of_k":
+        best = answer["best"]
+        return [(values[best], v) for i, v in enumerate(values) if i != best]
+    return []
+
+
+def _pair_lines(prompt: str, pairs: list[tuple[str, str]], labeller: str, cid: str) -> Iterator[dict[str, Any]]:
+    """The ``text_pairs`` / ``hf`` line of each (chosen, rejected) pair."""
+    for chosen, rejected in pairs:
+        yield {"prompt": prompt, "chosen": chosen, "rejected": rejected, "labeller": labeller, "comparison_id": cid}
 
 
 def _spec_from_export(obj: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -88,7 +120,13 @@ class ExportStore:
 
         ``fmt`` picks one of :data:`EXPORT_FORMATS`; without it the project must hold one format
         only, since a trainer reads one format per file. Text pairs answered 'equal' or
-        'cant_tell' have no chosen/rejected and are left out of ``text_pairs``.
+        'cant_tell' have no chosen/rejected and are left out of ``text_pairs``; rankings and
+        best-of-K tasks answered "can't tell" are left out of theirs.
+
+        ``hf`` is one ``{"prompt", "chosen", "rejected", "labeller", "comparison_id"}`` line per
+        preference every text answer states (see :func:`preference_pairs`): the standard
+        preference format of TRL's DPO and reward trainers, and of ``palate lm rm``. Tasks whose
+        items are clips have no text to put there and are left out.
         """
         if fmt is not None and fmt not in EXPORT_FORMATS:
             raise BadInput(f"format {fmt!r}: use one of {list(EXPORT_FORMATS)}")
@@ -103,6 +141,9 @@ class ExportStore:
             media_ext = {r[0]: r[1] for r in self._db.execute("SELECT sha256, ext FROM media")}
         parsed = [(r, json.loads(r["payload"])) for r in rows]
         formats = {task_format(r["mode"], p) for r, p in parsed}
+        if fmt == HF_FORMAT:
+            yield from self._hf_rows(parsed)
+            return
         if fmt is None and len(formats) > 1:
             raise BadInput(
                 f"project holds several formats {sorted(formats)}; export one at a time with --format NAME"
@@ -124,16 +165,9 @@ class ExportStore:
                     **json.loads(r["metadata"]),
                 }
             elif this == "text_pairs":
-                if answer["choice"] not in ("left", "right"):
-                    continue
-                chosen, rejected = values if answer["choice"] == "left" else values[::-1]
-                yield {
-                    "prompt": payload["prompt"],
-                    "chosen": chosen,
-                    "rejected": rejected,
-                    "labeller": r["labeller"],
-                    "comparison_id": cid,
-                }
+                yield from _pair_lines(payload["prompt"], preference_pairs(this, answer, values), r["labeller"], cid)
+            elif answer.get("cant_tell"):
+                continue
             elif this == "rankings":
                 yield {
                     "prompt": payload["prompt"],
@@ -150,6 +184,16 @@ class ExportStore:
                     "labeller": r["labeller"],
                     "comparison_id": cid,
                 }
+
+    def _hf_rows(self, parsed: list[tuple[sqlite3.Row, dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+        for r, payload in parsed:
+            this = task_format(r["mode"], payload)
+            if this == "pairs" or not all("text" in it for it in payload["items"]):
+                continue
+            cid = r["external_id"] if r["external_id"] is not None else f"{r['project']}:{r['task_id']}"
+            values = [it["text"] for it in payload["items"]]
+            pairs = preference_pairs(this, json.loads(r["answer"]), values)
+            yield from _pair_lines(payload["prompt"], pairs, r["labeller"], cid)
 
     def import_rows(self, project_id: int, rows: Iterable[tuple[int, Any]]) -> dict[str, int]:
         """Load labelled comparisons (the export formats) as completed tasks with their answers.
@@ -185,6 +229,12 @@ class ExportStore:
             )
             labeller = str(obj.get("labeller") or "imported")
             group = groups.setdefault(key, {"spec": spec, "answers": {}, "where": where})
+            if "chosen" in obj and labeller in group["answers"]:
+                raise BadInput(
+                    f"{where}: comparison {key!r} answered twice by {labeller!r}: an `export --format hf` "
+                    "file (a ranking expanded to pairs), which import cannot regroup; import the "
+                    "project's rankings, best_of_k or text_pairs export instead"
+                )
             group["answers"].setdefault(labeller, answer)
         created = skipped = answers = 0
         now = self.clock()

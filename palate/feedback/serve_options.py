@@ -24,6 +24,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted media upload")
     parser.add_argument(
+        "--max-json-mb",
+        type=float,
+        default=8.0,
+        help="largest JSON request body (a batch of tasks, an answer); larger ones get 413 unread",
+    )
+    parser.add_argument(
         "--synchronous",
         choices=["normal", "full"],
         default="normal",

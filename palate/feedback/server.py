@@ -36,6 +36,9 @@ from palate.feedback.store import Store
 STATIC = Path(__file__).parent / "static"
 COOKIE = "palate_token"
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
+#: Largest JSON request body: a batch of tasks (up to 9 texts of 200,000 characters each fit
+#: in one task); an answer is a few hundred bytes.
+DEFAULT_MAX_JSON = 8 * 1024 * 1024
 
 
 class LoginBody(BaseModel):
@@ -54,6 +57,10 @@ class TasksBody(BaseModel):
 
 class IdsBody(BaseModel):
     ids: list[int] = Field(max_length=100_000)
+
+
+class ExternalIdsBody(BaseModel):
+    external_ids: list[str] = Field(max_length=100_000)
 
 
 class NextBody(BaseModel):
@@ -107,10 +114,20 @@ def create_app(
     data_dir: str | Path | None = None,
     lease_seconds: float = 120.0,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+    max_json_bytes: int = DEFAULT_MAX_JSON,
     synchronous: str = "NORMAL",
     clock: Callable[[], float] | None = None,
 ) -> FastAPI:
-    """Build the app around one :class:`Store`; the store is ``app.state.store``."""
+    """Build the app around one :class:`Store`; the store is ``app.state.store``.
+
+    ``max_upload_bytes`` caps a media upload, ``max_json_bytes`` every other request body
+    (refused with 413 before a byte of it is parsed, see :class:`BodyLimit`).
+    """
+    if max_json_bytes < 1024 or max_upload_bytes < 1024:
+        raise FeedbackError(
+            f"body limits of {max_json_bytes} (JSON) and {max_upload_bytes} (media) bytes are too small "
+            "for any request; give at least 1 KiB (--max-json-mb, --max-upload-mb)"
+        )
     kwargs: dict[str, Any] = {"synchronous": synchronous, "lease_seconds": lease_seconds}
     if clock is not None:
         kwargs["clock"] = clock
@@ -133,6 +150,9 @@ def create_app(
     app.state.store = store
     app.state.data_dir = data
     app.state.max_upload_bytes = max_upload_bytes
+    app.state.max_json_bytes = max_json_bytes
+    # Outermost, so no route, dependency or validation sees an oversized body.
+    app.add_middleware(BodyLimit, limit=max_json_bytes, exempt=("/api/media",))
 
     @app.exception_handler(FeedbackError)
     async def _feedback_error(request: Request, exc: FeedbackError) -> JSONResponse:
@@ -362,6 +382,12 @@ def create_app(
         found = store.task_status(store.resolve_project(who, project), body.ids)
         return {"tasks": {str(k): v for k, v in found.items()}}
 
+    @app.post("/api/projects/{project}/tasks/find")
+    async def find_tasks(request: Request, project: str, body: ExternalIdsBody) -> dict[str, Any]:
+        """The tasks with these external ids (a restarted run finding the tasks it created)."""
+        who = admin(request)
+        return {"tasks": store.find_tasks(store.resolve_project(who, project), body.external_ids)}
+
     @app.get("/api/projects/{project}/answers")
     async def answers(request: Request, project: str, since: int = 0, limit: int = 500) -> dict[str, Any]:
         """Answers with id > ``since``; pass the returned ``cursor`` next time."""
@@ -391,12 +417,90 @@ def create_app(
     return app
 
 
+class BodyLimit:
+    """ASGI middleware: refuse a request body over ``limit`` bytes with 413 before the app reads it.
+
+    A ``Content-Length`` over the limit is refused at once, without reading the body. A body
+    without one (``Transfer-Encoding: chunked``) is read here chunk by chunk and refused as soon
+    as it passes the limit, so it costs at most ``limit`` bytes of memory; a body within the limit
+    is handed to the app unchanged. Paths in ``exempt`` (media uploads) stream their bodies and
+    enforce their own limit. Pure ASGI rather than ``BaseHTTPMiddleware``: it sits on the answer
+    path, which is benchmarked.
+    """
+
+    def __init__(self, app: Any, limit: int, exempt: tuple[str, ...] = ()) -> None:
+        self.app, self.limit, self.exempt = app, int(limit), exempt
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD") or scope["path"] in self.exempt:
+            await self.app(scope, receive, send)
+            return
+        declared = None
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                declared = value
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(send)
+            return
+        chunks: list[bytes] = []
+        seen = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.limit:
+                await self._refuse(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replay = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        sent = False
+
+        async def replayed() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return replay
+            return await receive()
+
+        await self.app(scope, replayed, send)
+
+    async def _refuse(self, send: Any) -> None:
+        body = json.dumps({"detail": _too_large_json(self.limit)}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
+
+
+def _too_large_json(limit: int) -> str:
+    return (
+        f"request body is larger than the limit of {_size(limit)} for JSON; send fewer tasks per "
+        "request, or start the server with a larger --max-json-mb"
+    )
+
+
 class _TooLarge(FeedbackError):
     status = 413
 
     def __init__(self, limit: int) -> None:
         super().__init__(
-            f"upload is larger than the limit of {limit / 2**20:.1f} MiB; shorten or downscale the clip, "
+            f"upload is larger than the limit of {_size(limit)}; shorten or downscale the clip, "
             "or start the server with a larger --max-upload-mb"
         )
 
@@ -412,6 +516,7 @@ def serve(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         lease_seconds=args.lease_seconds,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_json_bytes=int(args.max_json_mb * 2**20),
         synchronous=args.synchronous,
     )
     # Access logging costs about a third of the throughput and duplicates the answers table;

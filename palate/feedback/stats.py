@@ -23,14 +23,17 @@ def agreement(tasks: list[tuple[str, list[dict[str, Any]]]]) -> dict[str, Any]:
 
     For every pair of labellers on a task: pairs agree when the choices are equal; best-of-K
     when the same index is picked; rankings score the fraction of completion pairs (i, j) that
-    both order the same way (ties count as an order), i.e. a pairwise accuracy in [0, 1].
+    both order the same way (ties count as an order), i.e. a pairwise accuracy in [0, 1]. On a
+    ranking or best-of-K task, two "can't tell" answers agree and one disagrees with any order.
     """
     sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0])  # score, labeller pairs, tasks
     for mode, answers in tasks:
         acc = sums[mode]
         acc[2] += 1
         for a, b in combinations(answers, 2):
-            if mode == "pair":
+            if a.get("cant_tell") or b.get("cant_tell"):
+                score = float(a.get("cant_tell", False) == b.get("cant_tell", False))
+            elif mode == "pair":
                 score = float(a["choice"] == b["choice"])
             elif mode == "best":
                 score = float(a["best"] == b["best"])

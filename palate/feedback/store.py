@@ -217,6 +217,26 @@ class Store(AccountStore, StatsStore, ExportStore):
                     out[tid] = dict(row)
         return out
 
+    def find_tasks(self, project_id: int, external_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The tasks of a project with these external ids: ``{external_id: {id, status, n_answers,
+        redundancy}}``, unknown ids omitted.
+
+        How a restarted training run finds the tasks its previous process created (it knows
+        its comparison ids, not the task ids the service gave them).
+        """
+        if not isinstance(external_ids, list) or not all(isinstance(e, str) for e in external_ids):
+            raise BadInput("external_ids: expected a list of strings")
+        out: dict[str, dict[str, Any]] = {}
+        with self._lock:
+            for ext in external_ids:
+                row = self._db.execute(
+                    "SELECT id, status, n_answers, redundancy FROM tasks WHERE project_id = ? AND external_id = ?",
+                    (project_id, ext),
+                ).fetchone()
+                if row is not None:
+                    out[ext] = dict(row)
+        return out
+
     # ---------------------------------------------------------------- leases and answers
 
     def _live(self, task_id: int, now: float) -> dict[int, float]:

@@ -31,7 +31,10 @@ RESERVED_KEYS = frozenset(
         "best",
     }
 )
-EXPORT_FORMATS = ("pairs", "text_pairs", "rankings", "best_of_k")
+#: What a project's answers export to. The first four are one line per answer, each in its task's
+#: own format; ``hf`` turns every text comparison into prompt/chosen/rejected pairs.
+EXPORT_FORMATS = ("pairs", "text_pairs", "rankings", "best_of_k", "hf")
+HF_FORMAT = "hf"
 
 
 def _item(value: Any, where: str) -> dict[str, str]:
@@ -143,10 +146,16 @@ def normalize_answer(mode: str, k: int, answer: Any) -> dict[str, Any]:
 
     Pair: ``{"choice": "left"|"right"|"equal"|"cant_tell"}``. Rank: ``{"ranking": [r_0..r_{K-1}]}``,
     the rank of each completion in the order shown, 0 best, equal numbers for ties (stored as
-    dense ranks). Best of K: ``{"best": index}``.
+    dense ranks). Best of K: ``{"best": index}``. Either of these two may instead be
+    ``{"cant_tell": true}``: the labeller read the task and cannot judge it, which counts as the
+    task's answer (unlike a skip, which gives the task back) and is left out of training exports.
     """
     if not isinstance(answer, dict):
         raise BadInput("answer: expected a JSON object")
+    if mode != "pair" and "cant_tell" in answer:
+        if answer.get("cant_tell") is not True or len(answer) != 1:
+            raise BadInput("answer: \"can't tell\" on a ranking or best-of-K task is exactly {'cant_tell': true}")
+        return {"cant_tell": True}
     if mode == "pair":
         choice = answer.get("choice")
         if choice not in PAIR_CHOICES or set(answer) != {"choice"}:
@@ -162,12 +171,12 @@ def normalize_answer(mode: str, k: int, answer: Any) -> dict[str, Any]:
         ):
             raise BadInput(
                 f"answer: a rank task takes {{'ranking': [{k} integers in 0..{k - 1}]}}, the rank of each "
-                "completion in the order shown (0 best, equal numbers for ties)"
+                "completion in the order shown (0 best, equal numbers for ties), or {'cant_tell': true}"
             )
         return {"ranking": dense_ranks(ranking)}
     best = answer.get("best")
     if set(answer) != {"best"} or not isinstance(best, int) or isinstance(best, bool) or not 0 <= best < k:
-        raise BadInput(f"answer: a best-of-K task takes {{'best': index in 0..{k - 1}}}")
+        raise BadInput(f"answer: a best-of-K task takes {{'best': index in 0..{k - 1}}} or {{'cant_tell': true}}")
     return {"best": best}
 
 

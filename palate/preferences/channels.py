@@ -7,9 +7,12 @@ as they come. When the queue is full the loop drops new clips (they were never s
 lost); an answer, whenever it arrives, is written to labels.jsonl before anything else happens to
 it, so labels are never dropped.
 
-Both offer the same four calls to the trainer: ``offer(queries)``, ``answers()``,
+Both offer the same calls to the trainer: ``start()``, ``offer(queries)``, ``answers()``,
 ``outstanding()`` and ``close(wait_s)``; each answer is recorded in the run's
-:class:`~palate.preferences.storage.LabelStore` as it arrives.
+:class:`~palate.preferences.storage.LabelStore` as it arrives. ``start`` is separate from
+construction because a resumed run must first tell the labeller and the store which of its
+earlier queries are still open (:meth:`~palate.preferences.checkpoint.TrainerCheckpoint._restore`)
+before anything collects answers.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ class SyncChannel:
     def __init__(self, labeller: Any, store: Any) -> None:
         self.labeller, self.store = labeller, store
         self.dropped = 0
+
+    def start(self) -> None:
+        """Nothing runs in the background: answers are collected when asked for."""
 
     def offer(self, queries: list[Any]) -> int:
         self.store.save_queries(queries)
@@ -53,7 +59,7 @@ class AsyncChannel:
     submits queued queries and polls for answers, recording each one in the store at once.
     """
 
-    def __init__(self, labeller: Any, store: Any, max_pending: int, poll_s: float = 1.0) -> None:
+    def __init__(self, labeller: Any, store: Any, max_pending: int, poll_s: float = 1.0, start: bool = True) -> None:
         self.labeller, self.store = labeller, store
         self.max_pending = max_pending
         self.poll_s = poll_s
@@ -64,7 +70,15 @@ class AsyncChannel:
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="palate-labeller", daemon=True)
-        self._thread.start()
+        self._started = False
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start the background thread (once); until then offered queries wait in the queue."""
+        if not self._started:
+            self._started = True
+            self._thread.start()
 
     def offer(self, queries: list[Any]) -> int:
         self._raise()
@@ -116,7 +130,8 @@ class AsyncChannel:
         while self.store.pending and time.monotonic() < deadline and self._error is None:
             time.sleep(min(self.poll_s, 0.2))
         self._stop.set()
-        self._thread.join(timeout=30)
+        if self._started:
+            self._thread.join(timeout=30)
         self.labeller.close()
         out = self.answers()
         return out

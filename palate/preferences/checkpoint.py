@@ -140,8 +140,11 @@ class TrainerCheckpoint:
 
         Answers recorded after the checkpoint (a human's late answers, or a round cut short by
         a crash) are in labels.jsonl too: they are kept and learned from, never asked again.
-        Queries still waiting for a human at the checkpoint and unanswered since are dropped:
-        they leave the budget free for new ones.
+        Queries still waiting for a human (asked before the checkpoint or after it) are adopted
+        where the labeller can (:meth:`_adopt_open_queries`): they stay asked, and their answers,
+        those given while the run was down included, are recorded as they come. The others
+        (a labeller without ``adopt``, a task cancelled unanswered) are dropped and leave the
+        budget free for new queries.
         """
         import pickle
 
@@ -171,12 +174,17 @@ class TrainerCheckpoint:
         self.answered = 0
         self.absorb(recorded)
         late = recorded[absorbed:]
+        waiting = self._adopt_open_queries(recorded, store, channel)
         # Queries first saved after the checkpoint (in a newer shard) were asked after it, too.
-        asked_since = {c.id for c in late if shard_number(c.shard) >= int(labels["next_shard"])}
-        dropped = set(labels["pending"]) - {c.id for c in late}
+        newer = int(labels["next_shard"])
+        asked_since = {c.id for c in late if shard_number(c.shard) >= newer}
+        asked_since |= {cid for cid, shard in waiting.items() if shard_number(shard) >= newer}
+        dropped = set(labels["pending"]) - {c.id for c in late} - set(waiting)
         self.asked += len(asked_since) - len(dropped)
         if late:
             log.info("%d answers recorded after the checkpoint are kept", len(late))
+        if waiting:
+            log.info("%d queries still open in the labelling service are adopted", len(waiting))
         if dropped:
             log.info("%d queries unanswered when the run stopped are dropped (no longer counted as asked)",
                      len(dropped))
@@ -197,6 +205,30 @@ class TrainerCheckpoint:
                 self.pool.close_open_episodes()
                 log.info("the environments could not be restored: new episodes start at step %d", state["step"])
         set_rng_state(blob["global_rng"])
+
+    def _adopt_open_queries(self, recorded: list[Any], store: Any, channel: Any) -> dict[str, str]:
+        """Hand the interrupted process's open queries to this one; returns ``{id: shard}`` of those waiting.
+
+        Every comparison the run saved (``segments/``) is offered to the labeller's ``adopt``
+        with the answers labels.jsonl already holds; the labeller says which still have a task
+        that is open or answered, and the store takes their segments back from disk, so any
+        answer to them (given while the run was down, or later) is recorded exactly once. The
+        channel has not started yet, so nothing is collected before this is done.
+        """
+        adopt = getattr(channel.labeller, "adopt", None)
+        if not callable(adopt):
+            return {}
+        from palate.preferences.storage import label_lines, load_query_segments, saved_comparison_ids
+
+        seen = []
+        for line in label_lines(self.run_dir):
+            meta = line.get("answer_meta") or {}
+            if "task_id" in meta:
+                seen.append((int(meta["task_id"]), str(meta.get("labeller_id"))))
+        alive = adopt(saved_comparison_ids(self.run_dir), seen)
+        waiting = load_query_segments(self.run_dir, set(alive) - {c.id for c in recorded})
+        store.adopt(waiting, recorded)
+        return {cid: shard for cid, (_, shard) in waiting.items()}
 
 
 def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:

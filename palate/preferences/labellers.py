@@ -192,6 +192,8 @@ class FeedbackClient(Protocol):
 
     def answers_since(self, project: str, cursor: int = 0, limit: int = 500) -> tuple[list[dict[str, Any]], int]: ...
 
+    def find_tasks(self, project: str, external_ids: list[str]) -> dict[str, dict[str, Any]]: ...
+
 
 #: Renders a segment to a playable clip (mp4, webm or gif bytes).
 ClipRenderer = Callable[[Segment], bytes]
@@ -205,7 +207,8 @@ class HumanLabeller:
     queued twice); ``collect`` reads the project's answers since its cursor. Answers already in
     the project when the labeller starts belong to earlier runs and are skipped; an answer that
     arrives later for a task this labeller never created raises :class:`PreferenceError` naming
-    it (two runs must not share a project, or one would learn from the other's clips).
+    it (two runs must not share a project, or one would learn from the other's clips). A resumed
+    run's labeller first takes back the tasks its previous process created (:meth:`adopt`).
 
     Args:
         client: a :class:`palate.feedback.client.FeedbackClient` (or anything with its methods).
@@ -229,9 +232,12 @@ class HumanLabeller:
         self.redundancy = redundancy
         self.poll_interval = poll_interval
         self._task_to_query: dict[int, str] = {}
-        self._earlier: set[str] = set()
+        # (task id, labeller) of answers a previous process already wrote to labels.jsonl.
+        self._recorded: set[tuple[int, str]] = set()
         client.ensure_project(project, "palate preference learning: compare two clips")
         _, self._cursor = client.answers_since(project, 0)
+        # Answers up to here were given before this labeller existed.
+        self._start = self._cursor
 
     def submit(self, queries: Sequence[Query]) -> None:
         specs = []
@@ -248,14 +254,33 @@ class HumanLabeller:
             self._task_to_query[int(task_id)] = q.id
             log.debug("comparison %s is task %s of project %s", q.id, task_id, self.project)
 
-    def skip_earlier(self, comparison_ids: Iterable[str]) -> None:
-        """Skip, rather than reject, late answers to these comparisons (a resumed run's old ones).
+    def adopt(self, comparison_ids: Iterable[str], recorded: Iterable[tuple[int, str]] = ()) -> dict[str, int]:
+        """Take over the tasks a previous process of this run created for ``comparison_ids``.
 
-        A resumed run starts a new labeller, which never created the tasks of the interrupted
-        one; people may still answer those tasks. Their answers stay in the feedback service
-        (``palate feedback export``) but no longer reach this run.
+        A resumed run starts a new labeller; the tasks of the interrupted process are still in
+        the service, open or answered while the run was down. This finds them by external id
+        (the comparison id), so their answers are collected as this labeller's own, and
+        rewinds the cursor so that answers given while the run was down are read too.
+        ``recorded`` names the answers already in labels.jsonl as ``(task id, labeller)``;
+        they are not handed out again, so every answer reaches the run exactly once.
+
+        Returns ``{comparison_id: answers in the service}`` for the comparisons that may still
+        bring answers: their task is open, or it has answers. Cancelled tasks without answers,
+        and comparisons that never became tasks (the process died between saving and
+        creating them), are left out.
         """
-        self._earlier.update(comparison_ids)
+        ids = sorted(set(comparison_ids))
+        found = self.client.find_tasks(self.project, ids) if ids else {}
+        alive: dict[str, int] = {}
+        for ext, task in found.items():
+            self._task_to_query[int(task["id"])] = ext
+            if task["status"] == "open" or int(task["n_answers"]) > 0:
+                alive[ext] = int(task["n_answers"])
+        self._recorded.update((int(t), str(who)) for t, who in recorded)
+        self._cursor = 0
+        log.info("adopted %d tasks of project %s from the interrupted run (%d may still bring answers)",
+                 len(found), self.project, len(alive))
+        return alive
 
     def collect(self, timeout: float = 0.0) -> list[Answer]:
         deadline = time.monotonic() + timeout
@@ -269,20 +294,20 @@ class HumanLabeller:
     def _to_answer(self, raw: dict[str, Any]) -> Answer | None:
         task_id = int(raw["task_id"])
         comparison = self._task_to_query.get(task_id)
-        if comparison is None and raw.get("external_id") in self._earlier:
-            log.info("skipping a late answer to comparison %s, asked before this run was resumed",
-                     raw.get("external_id"))
-            return None
+        if comparison is None and int(raw.get("id", self._start + 1)) <= self._start:
+            return None  # given before this labeller started, to a task it did not adopt
         if comparison is None:
             raise PreferenceError(
                 f"the feedback service returned a label for task {task_id} (comparison "
                 f"{raw.get('external_id')!r}), which this run never created; give each run its own "
                 f"project (this one is {self.project!r})"
             )
+        if (task_id, str(raw.get("labeller"))) in self._recorded:
+            return None  # written to labels.jsonl before the run was resumed
         label = str((raw.get("answer") or {}).get("choice"))
         label_to_mu(label, comparison)
         return Answer(comparison, label, self.name,
-                      meta={"task_id": task_id, "labeller_id": raw.get("labeller"),
+                      meta={"task_id": task_id, "labeller_id": raw.get("labeller"), "answer_id": raw.get("id"),
                             "duration_ms": raw.get("duration_ms")})
 
     def close(self) -> None:

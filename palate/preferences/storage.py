@@ -154,6 +154,21 @@ class LabelStore:
             self.record(Answer(c.id, c.label, c.labeller, meta={"imported_from": source}))
         log.info("imported %d labels from %s into %s (%s)", len(fresh), source, self.labels_path, shard)
 
+    def adopt(self, waiting: dict[str, tuple[SegmentPair, str]], answered: Sequence[LabelledComparison]) -> None:
+        """Know the comparisons of this run's previous process again, so their answers can be recorded.
+
+        A resumed run's store starts empty, yet people may still answer what the interrupted
+        process asked: ``waiting`` (``{id: (pair, shard)}``, from :func:`load_query_segments`)
+        become pending again; ``answered`` (read back from labels.jsonl) accept further answers
+        (redundancy > 1) without counting as pending.
+        """
+        with self._lock:
+            for c in answered:
+                self._answered[c.id] = (c.pair, c.shard)
+            for cid, known in waiting.items():
+                if cid not in self._answered:
+                    self._pending[cid] = known
+
     @property
     def pending(self) -> int:
         """Queries saved and sent whose answer has not arrived."""
@@ -192,6 +207,31 @@ def saved_comparison_ids(run_dir: str | Path) -> set[str]:
         with np.load(shard, allow_pickle=False) as npz:
             ids.update(key.split("/", 1)[0] for key in npz.files)
     return ids
+
+
+def _read_segment(npz: Any, cid: str, side: str) -> Segment:
+    """One side of comparison ``cid`` from an open shard (keys as :meth:`LabelStore.save_queries` writes them)."""
+    return Segment(npz[f"{cid}/{side}_obs"], npz[f"{cid}/{side}_actions"],
+                   npz[f"{cid}/{side}_true_rewards"].astype(np.float64), info={"comparison": cid, "side": side})
+
+
+def load_query_segments(run_dir: str | Path, ids: set[str]) -> dict[str, tuple[SegmentPair, str]]:
+    """The segments a run saved for the comparisons ``ids``: ``{id: (pair, shard)}`` (unknown ids omitted)."""
+    out: dict[str, tuple[SegmentPair, str]] = {}
+    for path in sorted((Path(run_dir) / SEGMENTS_DIR).glob("*.npz")) if ids else []:
+        shard = f"{SEGMENTS_DIR}/{path.name}"
+        with np.load(path, allow_pickle=False) as npz:
+            for cid in {key.split("/", 1)[0] for key in npz.files} & ids:
+                out[cid] = (SegmentPair(_read_segment(npz, cid, "left"), _read_segment(npz, cid, "right")), shard)
+    return out
+
+
+def label_lines(run_dir: str | Path) -> Iterator[dict[str, Any]]:
+    """The raw lines of a run's labels.jsonl (none if it has no file), a torn last line ignored."""
+    path = Path(run_dir) / LABELS_FILE
+    if path.is_file():
+        for _, data in _iter_lines(path):
+            yield data
 
 
 def drop_torn_tail(run_dir: str | Path) -> bool:
@@ -289,8 +329,7 @@ def load_labels(path: str | Path, obs_shape: tuple[int, ...] | None = None,
                         f"{path}:{lineno}: label for unknown comparison id {cid!r}: {shard} holds no segment "
                         f"data for it (missing {missing[0]!r})"
                     )
-                seg = Segment(npz[keys[0]], npz[keys[1]], npz[keys[2]].astype(np.float64),
-                              info={"comparison": cid, "side": side})
+                seg = _read_segment(npz, cid, side)
                 if obs_shape is not None and tuple(seg.obs.shape[1:]) != tuple(obs_shape):
                     raise PreferenceError(
                         f"{path}:{lineno}: comparison {cid!r} has observations of shape {seg.obs.shape[1:]}, "

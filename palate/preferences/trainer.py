@@ -135,14 +135,10 @@ class PreferenceTrainer(TrainerCheckpoint):
         return vec_env
 
     def _channel(self, store: Any) -> Any:
+        """The channel to the labeller, not yet started: a resume first adopts its open queries."""
         labeller = self._labeller if self._labeller is not None else self._build_labeller()
-        if self._resume_state is not None and hasattr(labeller, "skip_earlier"):
-            from palate.preferences.storage import saved_comparison_ids
-
-            # Tasks of the interrupted run may still be answered; this labeller never made them.
-            labeller.skip_earlier(saved_comparison_ids(self.run_dir))
         if getattr(labeller, "asynchronous", False):
-            return AsyncChannel(labeller, store, self.cfg.max_pending)
+            return AsyncChannel(labeller, store, self.cfg.max_pending, start=False)
         return SyncChannel(labeller, store)
 
     # ------------------------------------------------------------------ steps of the loop
@@ -260,6 +256,8 @@ class PreferenceTrainer(TrainerCheckpoint):
         store = LabelStore(run_dir, meta={"env": cfg.env, "run": cfg.name})
         logger = MetricsLogger(run_dir)
         channel = self._channel(store)
+        if resume is None:
+            channel.start()
         prev_threads = torch.get_num_threads()
         if cfg.torch_threads > 0:
             torch.set_num_threads(cfg.torch_threads)
@@ -295,6 +293,7 @@ class PreferenceTrainer(TrainerCheckpoint):
             else:
                 self._restore(resume, store, channel)
                 self._resume_state = None
+                channel.start()
 
             # 2. Policy training interleaved with labelling and fitting.
             if self.policy is None:

@@ -364,3 +364,17 @@ def test_static_assets_are_shipped():
     assert {"label.html", "label.js", "admin.html", "admin.js", "login.html", "login.js", "style.css"} <= {
         p.name for p in static.iterdir()
     }
+
+
+def test_find_tasks_by_external_id(env):
+    ids = env.client.post(
+        "/api/projects/p/tasks",
+        json={"tasks": [{"kind": "pair", "left": "a", "right": "b", "external_id": "c-1", "redundancy": 2},
+                        {"kind": "pair", "left": "c", "right": "d"}]},
+        headers=env.admin,
+    ).json()["ids"]
+    fb = FeedbackClient("http://testserver", env.tokens["admin"], http=env.client)
+    assert fb.find_tasks("p", ["c-1", "unknown"]) == {
+        "c-1": {"id": ids[0], "status": "open", "n_answers": 0, "redundancy": 2}
+    }
+    assert fb.find_tasks("other", ["c-1"]) == {}  # external ids are per project

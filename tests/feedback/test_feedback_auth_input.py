@@ -40,6 +40,7 @@ def _requests(ids):
         ("post", "/api/projects/p/tasks", {"json": {"tasks": [{"kind": "pair", "left": "a", "right": "b"}]}}),
         ("post", "/api/projects/p/tasks/cancel", {"json": {"ids": [t]}}),
         ("post", "/api/projects/p/tasks/status", {"json": {"ids": [t]}}),
+        ("post", "/api/projects/p/tasks/find", {"json": {"external_ids": ["x"]}}),
         ("get", "/api/projects/p/answers", {}),
         ("get", "/api/projects/p/stats", {}),
         ("get", "/api/projects/p/export", {}),
@@ -269,3 +270,20 @@ def test_ranking_helpers():
     )
     assert out["rank"] == {"agreement": pytest.approx(2 / 3), "labeller_pairs": 1, "tasks": 1}
     assert out["best"] == {"agreement": pytest.approx(1 / 3), "labeller_pairs": 3, "tasks": 1}
+    # two "can't tell" agree with each other and with no order
+    out = agreement([("rank", [{"cant_tell": True}, {"cant_tell": True}, {"ranking": [0, 1]}])])
+    assert out["rank"]["agreement"] == pytest.approx(1 / 3)
+
+
+
+def test_cant_tell_on_rankings_and_best_of_k_is_exactly_one_shape():
+    from palate.feedback.errors import BadInput
+    from palate.feedback.tasks import normalize_answer
+
+    for mode in ("rank", "best"):
+        assert normalize_answer(mode, 3, {"cant_tell": True}) == {"cant_tell": True}
+        for bad in ({"cant_tell": False}, {"cant_tell": True, "best": 0}, {"cant_tell": 1}):
+            with pytest.raises(BadInput, match="exactly \\{'cant_tell': true\\}"):
+                normalize_answer(mode, 3, bad)
+    with pytest.raises(BadInput, match="a pair task takes"):
+        normalize_answer("pair", 2, {"cant_tell": True})  # pairs say it with a choice

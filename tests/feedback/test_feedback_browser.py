@@ -76,7 +76,8 @@ def test_label_pair_and_rankings_with_the_keyboard(tmp_path: Path, make_server, 
             assert (
                 page.locator("#pair-left img").count() == 1 and page.locator("#pair-right img").count() == 1
             )
-            assert "queue: 3" in page.inner_text("#progress")
+            assert page.get_attribute("#queue-left", "data-count") == "3"
+            assert "3 tasks left" in page.inner_text("#progress")
             page.keyboard.press("ArrowLeft")
             page.wait_for_selector(f"body[data-last-answered='{pair}']")
 

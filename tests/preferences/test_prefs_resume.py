@@ -196,15 +196,9 @@ def test_cli_resume_goes_on_to_more_steps(tmp_path, capsys):
 
 
 class SilentHuman:
-    """An asynchronous labeller nobody answers; remembers which old comparisons it must skip."""
+    """An asynchronous labeller nobody answers, which cannot adopt a previous process's queries."""
 
     name, asynchronous = "silent", True
-
-    def __init__(self):
-        self.skipped = set()
-
-    def skip_earlier(self, ids):
-        self.skipped |= set(ids)
 
     def submit(self, queries):
         pass
@@ -216,7 +210,8 @@ class SilentHuman:
         pass
 
 
-def test_resume_drops_queries_still_waiting_for_a_human(tmp_path):
+def test_resume_drops_open_queries_a_labeller_cannot_adopt(tmp_path):
+    """A labeller without ``adopt`` (the human one has it: test_prefs_resume_human.py) loses its open queries."""
     class CrashInSecondRound(CrashInRollout):
         crash_at = 3
 
@@ -226,9 +221,7 @@ def test_resume_drops_queries_still_waiting_for_a_human(tmp_path):
     run = tmp_path / "human"
     old = _saved_ids(run)
     assert 0 < len(old) < 40
-    human = SilentHuman()
-    summary = PreferenceTrainer.resume(run, labeller=human).train()
-    assert human.skipped == old
+    summary = PreferenceTrainer.resume(run, labeller=SilentHuman()).train()
     # The old queries no longer count as asked: the whole budget went to new ones.
     assert summary["labels_asked"] == 40 and summary["answers"] == 0
     assert len(_saved_ids(run) - old) == 40
@@ -242,21 +235,33 @@ def _saved_ids(run_dir):
     return ids
 
 
-def test_human_labeller_skips_late_answers_to_a_resumed_runs_old_queries():
+def test_human_labeller_adopts_a_previous_process_tasks_and_skips_what_labels_hold():
     class Client:
         def ensure_project(self, name, description=""):
             pass
 
-        def answers_since(self, project, cursor=0, limit=500):
-            if cursor == 0:
-                return [], 1
-            return [{"task_id": 7, "external_id": "old", "answer": {"choice": "left"}}], 2
+        def find_tasks(self, project, ids):
+            return {"old": {"id": 7, "status": "open", "n_answers": 1, "redundancy": 2},
+                    "gone": {"id": 8, "status": "cancelled", "n_answers": 0, "redundancy": 1}}
 
-    labeller = HumanLabeller(Client(), render=lambda seg: b"", project="p")
-    with pytest.raises(PreferenceError, match="never created"):
+        def answers_since(self, project, cursor=0, limit=500):
+            every = [{"id": 1, "task_id": 3, "external_id": "earlier-run", "labeller": "bob", "answer": {"choice": "left"}},
+                     {"id": 2, "task_id": 7, "external_id": "old", "labeller": "bob", "answer": {"choice": "left"}},
+                     {"id": 3, "task_id": 7, "external_id": "old", "labeller": "eve", "answer": {"choice": "right"}},
+                     {"id": 4, "task_id": 9, "external_id": "foreign", "labeller": "eve", "answer": {"choice": "left"}}]
+            limit_id = 3 if not hasattr(self, "later") else 4
+            got = [a for a in every if cursor < a["id"] <= limit_id]
+            return got, max([cursor] + [a["id"] for a in got])
+
+    client = Client()
+    labeller = HumanLabeller(client, render=lambda seg: b"", project="p")
+    # Bob's answer to "old" is in labels.jsonl already; "gone" was cancelled unanswered.
+    assert labeller.adopt({"old", "gone", "never-created"}, recorded=[(7, "bob")]) == {"old": 1}
+    got = labeller.collect()
+    assert [(a.id, a.label, a.meta["labeller_id"], a.meta["answer_id"]) for a in got] == [("old", "right", "eve", 3)]
+    client.later = True  # an answer to a task of another run, after this labeller started
+    with pytest.raises(PreferenceError, match="task 9 \\(comparison 'foreign'\\).*never created"):
         labeller.collect()
-    labeller.skip_earlier({"old"})
-    assert labeller.collect() == []
 
 
 def test_trajectory_pool_state_round_trips_with_open_episodes():

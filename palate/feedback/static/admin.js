@@ -1,7 +1,7 @@
 "use strict";
 // Admin page of one project: queue, throughput, agreement, export. Refreshes every 5 s.
 const $ = (id) => document.getElementById(id);
-const FORMATS = ["pairs", "text_pairs", "rankings", "best_of_k"];
+const FORMATS = ["pairs", "text_pairs", "rankings", "best_of_k", "hf"];
 
 async function get(path) {
   const r = await fetch(path, {credentials: "same-origin"});
