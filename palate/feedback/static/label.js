@@ -251,6 +251,14 @@ function rankingFromOrder() {
 
 function placeByKey(idx) {
   const pos = order.indexOf(idx);
+  if (tieNext && pos === order.length - 1 && placed === order.length) {
+    // The last completion followed by itself; "=" and its number still tie it with the one above.
+    ties[pos] = true;
+    tieNext = false;
+    setStatus("");
+    renderRank();
+    return;
+  }
   if (pos < placed) {
     setStatus(`completion ${idx + 1} is already placed; Backspace undoes the last, Esc starts over`);
     return;
@@ -268,7 +276,10 @@ function placeByKey(idx) {
 
 function undoPlace() {
   if (placed === 0) return setStatus("nothing placed by keys to undo; Esc starts over");
-  if (placed === order.length) placed -= 1;  // the one that followed by itself
+  if (placed === order.length) {  // the one that followed by itself, and any tie given to it
+    placed -= 1;
+    ties[placed] = false;
+  }
   placed -= 1;
   ties[placed] = false;
   setStatus("");
