@@ -117,10 +117,11 @@ class RankingQueue:
         self.comparisons: list[Comparison] = (
             read_comparisons(self.out) if self.out.is_file() and self.out.stat().st_size else [])
         self._written = {int(c.meta["answer_id"]) for c in self.comparisons if "answer_id" in c.meta}
-        self.n_answers: Counter[str] = Counter()  # external id -> answers seen (tied rankings included)
+        self.n_answers: Counter[str] = Counter()  # external id -> answers seen (ties and can't-tell included)
         self.cancelled: set[str] = set()
         self.foreign = 0  # answers in the project to tasks this queue never asked
         self.tied = 0
+        self.cant_tell = 0  # answers "can't tell": counted as answered, nothing to learn
         self._cursor = 0  # every start reads the project from its first answer: see the module doc
         self._last_cancel_check = time.monotonic()
         self.cancel_check_s = _CANCEL_CHECK_S
@@ -203,6 +204,11 @@ class RankingQueue:
                 "duration_ms": raw.get("duration_ms")}
         comps = list(task["completions"])
         who = str(raw.get("labeller"))
+        if answer.get("cant_tell"):
+            self.cant_tell += 1
+            log.info("%s could not tell the completions of comparison %s apart: not written", who,
+                     task["external_id"])
+            return None
         if "best" in answer:
             best = int(answer["best"])
             return Comparison(task["prompt"], comps, [0 if i == best else 1 for i in range(len(comps))],
@@ -347,7 +353,7 @@ def label_with_people(cfg: Any) -> Path:
             f"{cfg.feedback_project!r}. Run the same command again to keep waiting and pick up the answers given "
             "meanwhile (no task is asked twice), or raise label_wait_s (0: no limit)")
     if not queue.comparisons:
-        raise FeedbackError(f"label: no usable answer arrived in project {cfg.feedback_project!r} (tied or cancelled "
+        raise FeedbackError(f"label: no usable answer arrived in project {cfg.feedback_project!r} (tied, can't-tell or cancelled "
                             "tasks only); nothing to train on")
     log.info("%d answers from %d people written to %s", len(queue.comparisons),
              len({c.labeller for c in queue.comparisons}), cfg.out)

@@ -434,10 +434,17 @@ def test_best_of_k_tasks_and_a_creation_cut_short_by_a_crash(tmp_path):
         open_id = next(t["task_id"] for e, t in again.tasks.items() if not again.n_answers[e])
         assert fb.cancel("lm", [open_id]) == 1
         assert again.wait(timeout_s=5, poll_s=0.05, progress=False) is True and again.expected == 1
+        # "Can't tell" is an answer (the task is done) that teaches nothing: no line is written for it.
+        queue3 = RankingQueue(fb, "lm", tmp_path / "cant.jsonl", mode="best")
+        assert queue3.submit([(comparison_id("r3", 0, "Pick.", ["a", "b"]), "Pick.", ["a", "b"])]) == 1
+        task, _ = person.next_task("lm")
+        person.answer(task["id"], {"cant_tell": True})
+        assert queue3.wait(timeout_s=5, poll_s=0.05, progress=False) is True
+        assert queue3.cant_tell == 1 and queue3.comparisons == []
         with pytest.raises(ConfigError, match="mode='best', not 'rank'"):
             RankingQueue(fb, "lm", out, mode="rank")
     con = sqlite3.connect(tmp_path / "fb.sqlite")
-    assert con.execute("SELECT COUNT(*) FROM tasks").fetchall() == [(2,)]
+    assert con.execute("SELECT COUNT(*) FROM tasks").fetchall() == [(3,)]
     con.close()
 
 
