@@ -16,6 +16,7 @@ them (the SFT model is the reward model's initialisation, PPO's policy and refer
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -31,8 +32,23 @@ __all__ = ["PipelineConfig", "run_pipeline", "stage_done"]
 
 
 def stage_done(root: Path, stage: str) -> bool:
-    """A stage is done when its ``summary.json`` exists (written last, atomically)."""
-    return (root / stage / "summary.json").is_file()
+    """A stage is done when its ``summary.json`` exists (written last, atomically).
+
+    An evaluation by people whose wait ran out before every pair was answered is not done: the
+    next run of the pipeline runs it again, which creates no task twice and reads the answers
+    given meanwhile (:mod:`palate.lm.human_eval`).
+    """
+    path = root / stage / "summary.json"
+    if not path.is_file():
+        return False
+    if stage in ("eval", "dpo_eval"):
+        try:
+            human = json.loads(path.read_text()).get("human")
+        except (OSError, ValueError):
+            return False
+        if isinstance(human, dict) and human.get("complete") is False:
+            return False
+    return True
 
 
 def _merged(cls: type, defaults: dict[str, Any], overrides: dict[str, Any], source: str) -> Any:

@@ -76,3 +76,17 @@ def test_tiny_pipeline_runs_every_stage_then_skips_them(tmp_path):
     assert (root / "ppo" / "summary.json").stat().st_mtime == mtime
     timings = json.loads((root / "timings.json").read_text())
     assert set(timings) >= {"demos", "sft", "label", "rm", "ppo", "eval", "bon", "dpo", "dpo_eval", "report"}
+
+
+def test_an_evaluation_by_people_still_waiting_is_not_a_done_stage(tmp_path):
+    from palate.lm.pipeline import stage_done
+
+    (tmp_path / "eval").mkdir()
+    summary = tmp_path / "eval" / "summary.json"
+    assert not stage_done(tmp_path, "eval")
+    summary.write_text(json.dumps({"win_rate": 0.6, "human": {"complete": False, "pairs_open": 3}}))
+    assert not stage_done(tmp_path, "eval")  # the next pipeline run goes on waiting for the answers
+    summary.write_text(json.dumps({"win_rate": 0.6, "human": {"complete": True, "pairs_open": 0}}))
+    assert stage_done(tmp_path, "eval")
+    summary.write_text(json.dumps({"win_rate": 0.6}))  # judged by the labeller alone
+    assert stage_done(tmp_path, "eval")
