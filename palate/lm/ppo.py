@@ -44,6 +44,7 @@ from palate.lm.generation import (
     contiguous_head_input,
     decode_responses,
     logits_to_logprobs,
+    row_seed,
     sample,
     sample_traced,
 )
@@ -53,8 +54,10 @@ from palate.lm.rollout import (
     Rollout,
     ScoreFn,
     forward_rollout,
+    gather_rollout,
     make_score_fn,
     setup_prefix_cache,
+    shard_bounds,
 )
 from palate.lm.sft import save_causal_lm
 from palate.lm.trainable import freeze_all_but_last_layers, lora_config, make_trainable
@@ -138,6 +141,7 @@ class LMPPOTrainer:
         if not params:
             raise ConfigError("nothing to train: every parameter is frozen (check lora_r / trainable_layers)")
         optimizer = adamw(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self._check_processes(cfg, online)
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         self.unwrapped: PolicyAndValue = self.accelerator.unwrap_model(self.model)
         self.ref_shares_prefix = False
@@ -154,6 +158,26 @@ class LMPPOTrainer:
         self.iteration = 0
         self.max_new_tokens = cfg.max_new_tokens or 24
 
+    def _check_processes(self, cfg: LMPPOConfig, online: Any) -> None:
+        """Refuse what a multi-process run cannot do, before anything is trained."""
+        n = self.accelerator.num_processes
+        if n == 1:
+            return
+        kind = str(self.accelerator.distributed_type)
+        if "DEEPSPEED" in kind or "FSDP" in kind:
+            raise ConfigError(f"LM PPO runs data-parallel under DDP only (this launch is {kind}): its checkpoint "
+                              "holds one replica of the optimiser; launch with configs/accelerate/ddp.yaml")
+        if cfg.mini_batch_size % (n * cfg.gradient_accumulation_steps):
+            raise ConfigError(f"mini_batch_size ({cfg.mini_batch_size}) must be a multiple of num_processes x "
+                              f"gradient_accumulation_steps ({n} x {cfg.gradient_accumulation_steps}): each process "
+                              "takes an equal share of every minibatch")
+        if cfg.ptx_coef > 0 and cfg.ptx_batch_size < n * cfg.gradient_accumulation_steps:
+            raise ConfigError(f"ptx_batch_size ({cfg.ptx_batch_size}) must be at least num_processes x "
+                              f"gradient_accumulation_steps ({n} x {cfg.gradient_accumulation_steps})")
+        if online is not None:
+            raise ConfigError("online collection (online_every > 0) runs in one process only; launch without "
+                              "accelerate's --num_processes or set online_every: 0")
+
     # -- rollout ---------------------------------------------------------------------------
 
     def _setup_prefix_cache(self, trainable_layers: int) -> None:
@@ -167,19 +191,35 @@ class LMPPOTrainer:
                                self.cfg.forward_batch_size, self.cfg.temperature, self.device, trace)
 
     def rollout(self) -> Rollout:
+        """Sample, score and shape one global batch of ``batch_size`` prompts.
+
+        Every process draws the same global prompt indices, samples and scores its contiguous
+        slice (each row seeded by its place in the global batch, :func:`row_seed`), and the shards
+        are gathered: shaping and whitening then see the whole batch, as in one process.
+        """
         cfg = self.cfg
+        acc = self.accelerator
         index = self.sampler.next(cfg.batch_size)
-        prompts = [self.prompts[i] for i in index]
-        ids = [self.prompt_ids[i] for i in index]
+        lo, hi = shard_bounds(cfg.batch_size, acc.process_index, acc.num_processes)
+        ids = [self.prompt_ids[i] for i in index[lo:hi]]
+        seeds = [row_seed(cfg.seed, self.iteration, j) for j in range(lo, hi)]
         trace = None
         if cfg.reuse_generation:
             batch, trace = sample_traced(self.unwrapped.policy, self.tokenizer, ids, self.max_new_tokens,
-                                         cfg.temperature, capture_block=self.unwrapped.policy_start or None)
+                                         cfg.temperature, capture_block=self.unwrapped.policy_start or None,
+                                         row_seeds=seeds)
         else:
-            batch = sample(self.unwrapped.policy, self.tokenizer, ids, self.max_new_tokens, cfg.temperature)
-        completions = decode_responses(self.tokenizer, batch)
+            batch = sample(self.unwrapped.policy, self.tokenizer, ids, self.max_new_tokens, cfg.temperature,
+                           row_seeds=seeds)
         logp, ref_logp, entropy, values, policy_prefix, value_prefix = self._forward_rollout(batch, trace)
-        scores = torch.as_tensor(self.score_fn(prompts, completions), dtype=torch.float32).detach().cpu().view(-1)
+        local_prompts = [self.prompts[i] for i in index[lo:hi]]
+        scores = torch.as_tensor(self.score_fn(local_prompts, decode_responses(self.tokenizer, batch)),
+                                 dtype=torch.float32).detach().cpu().view(-1)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        batch, (logp, ref_logp, entropy, values), (policy_prefix, value_prefix), (scores,) = gather_rollout(
+            acc, batch, pad_id, (logp, ref_logp, entropy, values), (policy_prefix, value_prefix), (scores,))
+        prompts = [self.prompts[i] for i in index]
+        completions = decode_responses(self.tokenizer, batch)
         ro = self._shape(batch, prompts, completions, scores, logp, ref_logp, values, entropy)
         ro.policy_prefix, ro.value_prefix = policy_prefix, value_prefix
         return ro
@@ -203,38 +243,82 @@ class LMPPOTrainer:
 
     # -- update ----------------------------------------------------------------------------
 
+    # Per optimiser step, each process sums these over its micro-batches; the first six are sums
+    # over response tokens (divided by the minibatch's token count after the reduction), ptx_loss
+    # is already its share of the minibatch's mean pretraining NLL.
+    _STATS = ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "vf_clipfrac", "entropy", "ptx_loss")
+
     def update(self, ro: Rollout) -> dict[str, float]:
-        """``ppo_epochs`` passes of shuffled minibatches; stop early past ``target_kl``."""
+        """``ppo_epochs`` passes of shuffled minibatches; stop early past ``target_kl``.
+
+        Every process holds the whole rollout and draws the same permutation; of each minibatch of
+        ``mini_batch_size`` completions process ``r`` takes the ``r``-th equal slice. Losses are sums
+        over the slice's tokens divided by the *minibatch's* token count and multiplied by the
+        number of processes, so the gradient DDP averages is the one-process gradient of the
+        minibatch's token mean (the convention of :mod:`palate.lm.training`); gradient accumulation
+        then changes memory, not the maths.
+        """
         cfg = self.cfg
-        stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl",
-                                                         "vf_clipfrac", "ptx_loss", "entropy")}
+        acc = self.accelerator
+        n_proc, rank = acc.num_processes, acc.process_index
+        per_process = cfg.mini_batch_size // n_proc
+        micro = per_process // cfg.gradient_accumulation_steps
+        token_mask = ro.batch.response_mask.float()
+        per_step: list[torch.Tensor] = []
         epochs_done = 0
-        micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
         for _epoch in range(cfg.ppo_epochs):
             perm = torch.randperm(len(ro.batch), generator=self.update_generator)
-            epoch_kl = []
+            epoch_sums, epoch_tokens = [], []
             for start in range(0, len(perm), cfg.mini_batch_size):
                 mb_index = perm[start:start + cfg.mini_batch_size]
+                n_tokens = float(token_mask[mb_index].sum().clamp_min(1.0))
+                local = mb_index[rank * per_process:(rank + 1) * per_process]
+                ptx_parts = self._ptx_parts(n_proc, rank)
                 self.optimizer.zero_grad(set_to_none=True)
-                for k, idx in enumerate(mb_index.split(micro)):
+                sums = torch.zeros(len(self._STATS), dtype=torch.float64)
+                for k, idx in enumerate(local.split(micro)):
                     last = k == cfg.gradient_accumulation_steps - 1
-                    ctx = self.accelerator.no_sync(self.model) if not last else _nullcontext()
+                    ctx = acc.no_sync(self.model) if not last else _nullcontext()
                     with ctx:
-                        s = self._loss_and_backward(ro, idx)
-                    for key, v in s.items():
-                        stats[key].append(v)
-                    epoch_kl.append(s["approx_kl"])
+                        sums += self._loss_and_backward(ro, idx, n_tokens, n_proc,
+                                                        ptx_parts[k] if ptx_parts else None)
                 if cfg.max_grad_norm:
-                    self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
+                epoch_sums.append(sums)
+                epoch_tokens.append(n_tokens)
+            # One reduction per epoch: every process then has the same statistics (and the same
+            # early-stopping decision, which must agree or the processes would fall out of step).
+            totals = torch.stack(epoch_sums)
+            if n_proc > 1:
+                totals = acc.reduce(totals.to(acc.device), "sum").cpu()
+            totals[:, :6] /= torch.tensor(epoch_tokens, dtype=torch.float64)[:, None]
+            per_step.append(totals)
             epochs_done += 1
-            if cfg.target_kl is not None and float(np.mean(epoch_kl)) > cfg.target_kl:
+            if cfg.target_kl is not None and float(totals[:, 3].mean()) > cfg.target_kl:
                 break  # KL early stop: the policy already left the region the samples describe
-        out = {k: float(np.mean(v)) for k, v in stats.items() if v}
+        steps = torch.cat(per_step).mean(0)
+        out = {k: float(v) for k, v in zip(self._STATS, steps)}
+        if cfg.clip_range_vf is None:
+            del out["vf_clipfrac"]
+        if self.ptx is None:
+            del out["ptx_loss"]
         out["epochs"] = epochs_done
         return out
 
-    def _loss_and_backward(self, ro: Rollout, idx: torch.Tensor) -> dict[str, float]:
+    def _ptx_parts(self, n_proc: int, rank: int) -> list[tuple[torch.Tensor, float]] | None:
+        """This process's micro-batch shares of one optimiser step's ``ptx_batch_size`` blocks,
+        each with its weight (share of the blocks), or None without ptx."""
+        if self.ptx is None:
+            return None
+        g = self.cfg.gradient_accumulation_steps
+        blocks = next(self.ptx)  # the same draw on every process: the stream is seeded alike
+        parts = blocks.tensor_split(n_proc * g)[rank * g:(rank + 1) * g]
+        return [(part, len(part) / len(blocks)) for part in parts]
+
+    def _loss_and_backward(self, ro: Rollout, idx: torch.Tensor, n_tokens: float, n_proc: int,
+                           ptx: tuple[torch.Tensor, float] | None) -> torch.Tensor:
+        """Backward of this micro-batch's share of the minibatch loss; returns its statistic sums."""
         cfg = self.cfg
         mb = ro.batch.select(idx).to(self.device)
         mask = mb.response_mask.float()
@@ -243,36 +327,36 @@ class LMPPOTrainer:
         mb = RolloutBatch(mb.query_ids, mb.query_mask, mb.response_ids[:, :width], mb.response_mask[:, :width],
                           mb.ended)
         mask = mask[:, :width]
+        n_local = mask.sum().clamp_min(1.0)
 
         def take(t: torch.Tensor) -> torch.Tensor:
             return t[idx][:, :width].to(self.device)
 
-        ptx_ids = None
-        if self.ptx is not None:
-            ptx_ids = next(self.ptx)[: max(1, cfg.ptx_batch_size // cfg.gradient_accumulation_steps)].to(self.device)
+        ptx_ids = ptx[0].to(self.device) if ptx is not None else None
         prefixes = [None if t is None else t[idx][:, :mb.input_ids.shape[1]].to(self.device)
                     for t in (ro.policy_prefix, ro.value_prefix)]
         with self.accelerator.autocast():
             logits, vpred, ptx_nll = self.model(mb.input_ids, mb.attention_mask, mb.query_ids.shape[1], ptx_ids,
                                                 *prefixes)
         logp, ent = logits_to_logprobs(logits, mb.response_ids, cfg.temperature, entropy_grad=cfg.ent_coef != 0)
+        # core's losses are token means over this micro-batch; times its token count they are sums.
         pg_loss, pg_stats = clipped_surrogate_loss(logp, take(ro.logprobs), take(ro.advantages), cfg.clip_range, mask)
         vf_loss, vf_stats = value_loss(vpred.float(), take(ro.values), take(ro.returns), cfg.clip_range_vf, mask)
         entropy = masked_mean(ent, mask)
-        loss = pg_loss + cfg.vf_coef * vf_loss
+        loss_sum = (pg_loss + cfg.vf_coef * vf_loss) * n_local
         if cfg.ent_coef != 0:
-            loss = loss - cfg.ent_coef * entropy
+            loss_sum = loss_sum - cfg.ent_coef * entropy * n_local
+        loss = loss_sum * (n_proc / n_tokens)
+        ptx_share = torch.zeros(())
         if ptx_nll is not None:
-            # PPO-ptx (InstructGPT eq. 2): maximise gamma * E_pretrain[log pi(x)].
-            loss = loss + cfg.ptx_coef * ptx_nll.float()
-        self.accelerator.backward(loss / cfg.gradient_accumulation_steps)
-        out = {"pg_loss": float(pg_loss.detach()), "vf_loss": float(vf_loss.detach()), "clipfrac": float(pg_stats["clipfrac"]),
-               "approx_kl": float(pg_stats["approx_kl"]), "entropy": float(entropy.detach())}
-        if "vf_clipfrac" in vf_stats:
-            out["vf_clipfrac"] = float(vf_stats["vf_clipfrac"])
-        if ptx_nll is not None:
-            out["ptx_loss"] = float(ptx_nll.detach())
-        return out
+            # PPO-ptx (InstructGPT eq. 2): maximise gamma * E_pretrain[log pi(x)] over the step's blocks.
+            ptx_share = ptx_nll.float() * ptx[1]
+            loss = loss + cfg.ptx_coef * ptx_share * n_proc
+        self.accelerator.backward(loss)
+        vf_clip = vf_stats.get("vf_clipfrac", torch.zeros(()))
+        parts = (pg_loss, vf_loss, pg_stats["clipfrac"], pg_stats["approx_kl"], vf_clip, entropy)
+        sums = [float(x.detach()) * float(n_local) for x in parts] + [float(ptx_share.detach())]
+        return torch.tensor(sums, dtype=torch.float64)
 
     # -- one iteration and the loop ----------------------------------------------------------
 
@@ -356,9 +440,10 @@ class LMPPOTrainer:
                 logger.close()
         self.save_model(run_dir / "model")
         summary = {"iterations": self.iteration, "final": last, "kl_coef": self.kl_ctl.kl_coef,
-                   "wall_s": time.perf_counter() - start_time}
+                   "num_processes": self.accelerator.num_processes, "wall_s": time.perf_counter() - start_time}
         if self.accelerator.is_main_process:
             atomic_write_json(run_dir / "summary.json", summary)
+        self.accelerator.wait_for_everyone()  # the run is complete on disk before any process returns
         return summary
 
     # -- checkpoints -------------------------------------------------------------------------
