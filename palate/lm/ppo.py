@@ -429,9 +429,10 @@ class LMPPOTrainer:
                         for p, c, s, kl in list(rows)[: cfg.log_samples]:
                             fh.write(json.dumps({"iteration": self.iteration, "prompt": p, "completion": c,
                                                  "score": s, "kl": kl}) + "\n")
-                log.info("iter %d/%d reward %.3f kl %.2f beta %.4f clipfrac %.3f %.0f tok/s",
-                         self.iteration, cfg.iterations, metrics["objective/reward"], metrics["objective/kl"],
-                         metrics["objective/kl_coef"], metrics["ppo/clipfrac"], metrics["charts/tokens_per_s"])
+                if self.accelerator.is_main_process:
+                    log.info("iter %d/%d reward %.3f kl %.2f beta %.4f clipfrac %.3f %.0f tok/s",
+                             self.iteration, cfg.iterations, metrics["objective/reward"], metrics["objective/kl"],
+                             metrics["objective/kl_coef"], metrics["ppo/clipfrac"], metrics["charts/tokens_per_s"])
                 if self.iteration % cfg.save_every == 0 or self.iteration == cfg.iterations:
                     self.save_checkpoint(run_dir)
         finally:
@@ -588,12 +589,22 @@ def build_trainer(cfg: LMPPOConfig) -> LMPPOTrainer:
 
 def train_ppo(cfg: LMPPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Train and return the run directory (``<run>/model`` holds the policy)."""
+    from accelerate import PartialState
+
     run_dir = cfg.run_dir
     if resume:
         if not (run_dir / "config.yaml").is_file():
             raise CheckpointError(f"cannot resume {run_dir}: no config.yaml there")
     else:
-        prepare_run_dir(run_dir, config_to_dict(cfg), overwrite=overwrite)
+        # Under `accelerate launch` every process runs this: the main one makes the directory,
+        # the others wait for it (PartialState is the launch's process group, or one process).
+        state = PartialState(cpu=_device(cfg) == "cpu")
+        if (run_dir / "config.yaml").exists() and not overwrite:  # every process refuses alike
+            prepare_run_dir(run_dir, {}, overwrite=False)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            prepare_run_dir(run_dir, config_to_dict(cfg), overwrite=overwrite)
+        state.wait_for_everyone()
     trainer = build_trainer(cfg)
     trainer.train(run_dir, resume=resume)
     return run_dir

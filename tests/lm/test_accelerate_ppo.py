@@ -8,7 +8,8 @@ two PPO iterations, with whitened scores and advantages, an adaptive beta and tw
 minibatches, must give the one-process losses, beta and trained weights: iteration 2 samples
 from the weights iteration 1 produced, so it agrees only if the first update did. Finally the
 two-process checkpoint resumes in one process, and its third iteration equals that of a
-one-process run resumed from its own checkpoint.
+one-process run resumed from its own checkpoint. The two processes are started with the shipped
+configs/accelerate/ddp.yaml.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pytest
 import torch
 
 WORKER = textwrap.dedent("""
-    import copy, sys
+    import copy, shutil, sys
     from palate.lm.ppo import LMPPOConfig, LMPPOTrainer, ValueModel
     from palate.lm.testing import tiny_causal_lm
     from palate.runs import seed_everything
@@ -47,10 +48,13 @@ WORKER = textwrap.dedent("""
     mode, run = sys.argv[1], Path(sys.argv[2])
     if mode in ("train", "both"):
         trainer(2).train(run)
+    if mode == "both":  # keep the iteration-2 weights, which the resumed run's checkpoint replaces
+        shutil.copy(run / "checkpoint.pt", run / "checkpoint-2.pt")
     if mode in ("resume", "both"):
         trainer(3).train(run, resume=True)
 """)
 
+ROOT = Path(__file__).resolve().parents[2]
 KEYS = ("objective/reward", "objective/reward_std", "objective/kl", "objective/kl_coef", "objective/entropy",
         "response/length", "losses/policy_loss", "losses/value_loss", "ppo/clipfrac", "ppo/approx_kl",
         "losses/explained_variance")
@@ -64,12 +68,11 @@ def _free_port() -> int:
 
 def _run(workdir: Path, n: int, mode: str, run: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+           "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(workdir / "worker.py"), mode, str(run)]
-    if n > 1:  # as in test_accelerate.py: --multi_gpu with no GPU present runs MULTI_CPU over gloo
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), *cmd[1:]]
+    if n > 1:  # the shipped DDP config: with no GPU present it runs MULTI_CPU over gloo
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/ddp.yaml"),
+               "--num_processes", str(n), "--main_process_port", str(_free_port()), *cmd[1:]]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -78,39 +81,50 @@ def _metrics(run: Path) -> list[dict]:
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r.get("phase") == "ppo"]
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["weights"]
+def _weights(run: Path, name: str = "checkpoint.pt") -> dict[str, torch.Tensor]:
+    return torch.load(run / name, map_location="cpu", weights_only=False)["weights"]
 
 
 def test_two_processes_match_one_and_resume_in_one(tmp_path: Path) -> None:
     (tmp_path / "worker.py").write_text(WORKER)
     one, two = tmp_path / "one", tmp_path / "two"
-    _run(tmp_path, 1, "train", one)
+    _run(tmp_path, 1, "both", one)  # 2 iterations, then resumed in a fresh trainer for a third
     _run(tmp_path, 2, "train", two)
     m1, m2 = _metrics(one), _metrics(two)
-    assert [r["step"] for r in m1] == [r["step"] for r in m2] == [1, 2]
+    assert [r["step"] for r in m1] == [1, 2, 3] and [r["step"] for r in m2] == [1, 2]
     for a, b in zip(m1, m2):
         for key in KEYS:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key, a[key], b[key])
     assert m1[1]["objective/kl_coef"] != m1[0]["objective/kl_coef"]  # beta moved, identically
     assert m1[1]["objective/kl"] != 0.0  # iteration 2 sampled from updated weights
-    w1, w2 = _weights(one), _weights(two)
+    w1, w2 = _weights(one, "checkpoint-2.pt"), _weights(two)
     assert w1.keys() == w2.keys()
     for name in w1:
         torch.testing.assert_close(w1[name], w2[name], atol=1e-5, rtol=1e-4, msg=name)
     assert json.loads((two / "summary.json").read_text())["num_processes"] == 2
-    samples1 = (one / "samples.jsonl").read_text().splitlines()
-    samples2 = (two / "samples.jsonl").read_text().splitlines()
-    assert [json.loads(s)["completion"] for s in samples1] == [json.loads(s)["completion"] for s in samples2]
+    completions = [[json.loads(s)["completion"] for s in (run / "samples.jsonl").read_text().splitlines()]
+                   for run in (one, two)]
+    assert completions[0][:len(completions[1])] == completions[1]
 
-    # Resume the two-process checkpoint in one process, and the one-process one alike: iteration 3
-    # of both must agree (same weights, optimiser state, beta, prompt order, sampling seeds).
-    _run(tmp_path, 1, "resume", one)
+    # The two-process checkpoint resumed in one process: its iteration 3 must be the one-process
+    # run's (same weights, optimiser state, beta, prompt order and sampling seeds).
     _run(tmp_path, 1, "resume", two)
-    r1, r2 = _metrics(one), _metrics(two)
-    assert [r["step"] for r in r1] == [r["step"] for r in r2] == [1, 2, 3]
+    r2 = _metrics(two)
+    assert [r["step"] for r in r2] == [1, 2, 3]
     for key in KEYS:
-        assert r1[2][key] == pytest.approx(r2[2][key], rel=1e-4, abs=1e-5), (key, r1[2][key], r2[2][key])
+        assert m1[2][key] == pytest.approx(r2[2][key], rel=1e-4, abs=1e-5), (key, m1[2][key], r2[2][key])
     for name, w in _weights(one).items():
         torch.testing.assert_close(w, _weights(two)[name], atol=1e-5, rtol=1e-4, msg=name)
     assert json.loads((two / "summary.json").read_text())["num_processes"] == 1
+
+
+def test_shipped_accelerate_configs_parse() -> None:
+    """Each configs/accelerate/*.yaml is read by accelerate's own loader as the kind it claims."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {"ddp": "MULTI_GPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp": "FSDP"}
+    for name, kind in kinds.items():
+        cfg = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+        assert str(cfg.distributed_type).endswith(kind), (name, cfg.distributed_type)
+    assert sorted(p.stem for p in (ROOT / "configs" / "accelerate").glob("*.yaml")) == sorted(kinds)
+    assert load_config_from_file(str(ROOT / "configs/accelerate/zero3.yaml")).deepspeed_config["zero_stage"] == 3
