@@ -13,6 +13,7 @@ import functools
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -171,11 +172,13 @@ def sample_traced(
 def _sample(model: torch.nn.Module, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
             temperature: float, top_p: float, batch_size: int | None, traced: bool,
             capture_block: int | None, row_seeds: Sequence[int] | None = None,
-            ) -> tuple[RolloutBatch, SampleTrace | None]:
+            generate_options: dict | None = None) -> tuple[RolloutBatch, SampleTrace | None]:
     from transformers import GenerationConfig, LogitsProcessorList
 
     if max_new_tokens < 1:
         raise ValueError(f"sample: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if generate_options and row_seeds is None:
+        raise ValueError("sample: generate_options (static cache, compile) are only used with row_seeds")
     if row_seeds is not None and (len(row_seeds) != len(prompt_ids) or top_p != 1.0):
         raise ValueError(f"sample: row_seeds needs one seed per prompt ({len(row_seeds)} for {len(prompt_ids)}) "
                          f"and top_p 1 (got {top_p})")
@@ -191,7 +194,7 @@ def _sample(model: torch.nn.Module, tokenizer, prompt_ids: Sequence[Sequence[int
     else:  # the sampling happens in RowSeededSampling; generate only takes the argmax
         gen_cfg = GenerationConfig(
             do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
-            use_cache=True, output_logits=traced, return_dict_in_generate=traced,
+            use_cache=True, output_logits=traced, return_dict_in_generate=traced, **(generate_options or {}),
         )
     query_ids, query_mask = left_pad(prompt_ids, pad_id)
     chunk = batch_size or len(prompt_ids)
@@ -300,6 +303,68 @@ class RowSeededSampling:
         u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=device) for g in self.generators])
         gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))
         return scores.float() / self.temperature + gumbel
+
+
+class GenerationEngine(Protocol):
+    """What an LM PPO rollout calls to sample: the seam for another engine (vLLM, SGLang...).
+
+    ``(batch, trace)`` for one completion per prompt, row ``i`` sampled from its own generator
+    seeded ``row_seeds[i]`` (so the completions do not depend on how the batch is split over
+    processes) at ``temperature``, top-k and top-p off, stopping at the model's EOS. ``trace`` is
+    what the engine computed anyway, or ``None``: then the rollout runs one more policy forward
+    for log pi. ``model`` holds the current weights: an engine that keeps its own copy must
+    refresh it from ``model`` on every call, because the policy changes every iteration.
+    """
+
+    def __call__(self, model: torch.nn.Module, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
+                 temperature: float, row_seeds: Sequence[int],
+                 capture_block: int | None = None) -> tuple[RolloutBatch, SampleTrace | None]: ...
+
+
+@dataclass
+class HFGenerate:
+    """The default engine: transformers' ``generate`` with a KV cache, in this process.
+
+    Attributes:
+        traced: keep log pi, the entropy and the requested block's input from generation
+            (:func:`sample_traced`), so the rollout need not run the policy again.
+        static_cache: a preallocated KV cache (``cache_implementation="static"``): fixed shapes, which
+            is what lets ``compile`` capture the decoding step once; on its own it saves allocations.
+        compile: ``torch.compile`` the decoding step (needs ``static_cache``; the first call compiles,
+            which takes minutes on a CPU). The block-input capture is not taken from compiled steps
+            (a compiled graph may reuse its output buffers), so ``trace.hidden`` is then ``None``.
+        compile_backend: torch.compile's backend (``"eager"`` checks the compiled path quickly).
+    """
+
+    traced: bool = True
+    static_cache: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+
+    def __post_init__(self) -> None:
+        if self.compile and not self.static_cache:
+            raise ValueError("HFGenerate: compile needs static_cache (transformers compiles only fixed-shape caches)")
+
+    def options(self) -> dict:
+        """The ``GenerationConfig`` fields these settings add."""
+        if not self.static_cache:
+            return {}
+        if not self.compile:
+            # transformers compiles static-cache decoding on a GPU by default; here it is asked for.
+            return {"cache_implementation": "static", "disable_compile": True}
+        from transformers.generation.configuration_utils import CompileConfig
+
+        compile_config = CompileConfig(backend=self.compile_backend,
+                                       mode="reduce-overhead" if self.compile_backend == "inductor" else None)
+        compile_config._compile_all_devices = True  # also on a CPU, where transformers would not
+        return {"cache_implementation": "static", "compile_config": compile_config}
+
+    def __call__(self, model: torch.nn.Module, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
+                 temperature: float, row_seeds: Sequence[int],
+                 capture_block: int | None = None) -> tuple[RolloutBatch, SampleTrace | None]:
+        capture = capture_block if self.traced and not self.compile else None
+        return _sample(model, tokenizer, prompt_ids, max_new_tokens, temperature, 1.0, None, self.traced, capture,
+                       row_seeds, self.options())
 
 
 def logits_to_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,

@@ -38,14 +38,14 @@ from palate.core.stats import masked_mean, whiten
 from palate.errors import CheckpointError, ConfigError
 from palate.lm.config import LMPPOConfig
 from palate.lm.generation import (
+    GenerationEngine,
+    HFGenerate,
     RolloutBatch,
     SampleTrace,
     contiguous_head_input,
     decode_responses,
     logits_to_logprobs,
     row_seed,
-    sample,
-    sample_traced,
 )
 from palate.lm.pretrain_text import PretrainBatches
 from palate.lm.rollout import (
@@ -101,12 +101,14 @@ class LMPPOTrainer:
         reference: frozen rho; ``None`` with LoRA means "the policy with adapters disabled".
         ptx_blocks: ``[N, T]`` pretraining token blocks for PPO-ptx (needed when ptx_coef > 0).
         online: an :class:`palate.lm.online.OnlineCollector` run every ``cfg.online_every`` iterations.
+        engine: what samples the rollouts (:class:`palate.lm.generation.GenerationEngine`); by default
+            transformers' ``generate`` with the config's cache and compile settings.
     """
 
     def __init__(self, cfg: LMPPOConfig, policy: nn.Module, tokenizer, value_model: ValueModel,
                  score_fn: ScoreFn, prompts: Sequence[str], encode_prompt: Callable[[str], list[int]],
                  reference: nn.Module | None = None, ptx_blocks: torch.Tensor | None = None,
-                 online: Any = None) -> None:
+                 online: Any = None, engine: GenerationEngine | None = None) -> None:
         from accelerate import Accelerator
 
         if cfg.ptx_coef > 0 and ptx_blocks is None:
@@ -121,6 +123,8 @@ class LMPPOTrainer:
         self.prompts = list(prompts)
         self.prompt_ids = [encode_prompt(p)[-cfg.max_prompt_length:] for p in self.prompts]
         self.online = online
+        self.engine = engine or HFGenerate(traced=cfg.reuse_generation, static_cache=cfg.generation_static_cache,
+                                           compile=cfg.compile_generation)
         cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
         reset_accelerator_settings()
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
@@ -202,14 +206,8 @@ class LMPPOTrainer:
         lo, hi = shard_bounds(cfg.batch_size, acc.process_index, acc.num_processes)
         ids = [self.prompt_ids[i] for i in index[lo:hi]]
         seeds = [row_seed(cfg.seed, self.iteration, j) for j in range(lo, hi)]
-        trace = None
-        if cfg.reuse_generation:
-            batch, trace = sample_traced(self.unwrapped.policy, self.tokenizer, ids, self.max_new_tokens,
-                                         cfg.temperature, capture_block=self.unwrapped.policy_start or None,
-                                         row_seeds=seeds)
-        else:
-            batch = sample(self.unwrapped.policy, self.tokenizer, ids, self.max_new_tokens, cfg.temperature,
-                           row_seeds=seeds)
+        batch, trace = self.engine(self.unwrapped.policy, self.tokenizer, ids, self.max_new_tokens, cfg.temperature,
+                                   seeds, capture_block=self.unwrapped.policy_start or None)
         logp, ref_logp, entropy, values, policy_prefix, value_prefix = self._forward_rollout(batch, trace)
         local_prompts = [self.prompts[i] for i in index[lo:hi]]
         scores = torch.as_tensor(self.score_fn(local_prompts, decode_responses(self.tokenizer, batch)),

@@ -130,7 +130,8 @@ def forward_rollout(net: PolicyAndValue, reference: nn.Module | None, ref_shares
     """Rollout-time ``(log pi, log rho, entropy, V, policy prefix, value prefix)``, masked, on the CPU.
 
     Runs in chunks of ``chunk`` rows. With a generation ``trace`` log pi, the entropy and the
-    policy's prefix come from it and the policy is not run again.
+    policy's prefix come from it and the policy is not run again (but for the prefix, when the
+    trace has none).
     """
     outs: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, len(batch), chunk):
@@ -143,9 +144,11 @@ def forward_rollout(net: PolicyAndValue, reference: nn.Module | None, ref_shares
         policy_prefix = value_prefix = None
         if trace is not None:
             logp, ent = trace.logprobs[rows].to(device), trace.entropy[rows].to(device)
-            if net.policy_start:
-                assert trace.hidden is not None
+            if net.policy_start and trace.hidden is not None:
                 policy_prefix = trace.hidden[rows].to(device)
+            elif net.policy_start:  # the engine kept no block input: one pass up to the first trained block
+                _, policy_prefix = forward_capture(net.policy, net.policy_start, **inputs,
+                                                   **keep_response_logits(net.policy, r))
         else:
             keep = keep_response_logits(net.policy, r)
             if net.policy_start:

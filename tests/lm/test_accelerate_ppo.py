@@ -128,3 +128,35 @@ def test_shipped_accelerate_configs_parse() -> None:
         assert str(cfg.distributed_type).endswith(kind), (name, cfg.distributed_type)
     assert sorted(p.stem for p in (ROOT / "configs" / "accelerate").glob("*.yaml")) == sorted(kinds)
     assert load_config_from_file(str(ROOT / "configs/accelerate/zero3.yaml")).deepspeed_config["zero_stage"] == 3
+
+
+# -- the paths for larger runs, checked on the CPU ---------------------------------------------
+
+PROMPTS = ["The movie was", "I did not like the food, it was cold", "Write a short poem", "List three colours"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_static_cache_and_compiled_decoding_sample_the_same_tokens() -> None:
+    """A fixed seed samples the same completions with the static KV cache and with the decoding
+    step compiled (backend ``eager``: dynamo's capture of transformers' compiled path, which the
+    inductor backend then turns into kernels) as with the default dynamic cache."""
+    from palate.lm.generation import HFGenerate, row_seed
+    from palate.lm.testing import tiny_causal_lm
+
+    model, tok = tiny_causal_lm()
+    ids = [tok.encode(p) for p in PROMPTS]
+    seeds = [row_seed(7, 0, j) for j in range(len(ids))]
+    import torch._dynamo
+
+    base, trace = HFGenerate()(model, tok, ids, 8, 1.0, seeds, capture_block=1)
+    assert trace is not None and trace.hidden is not None
+    for engine in (HFGenerate(static_cache=True), HFGenerate(static_cache=True, compile=True, compile_backend="eager")):
+        torch._dynamo.utils.counters.clear()
+        batch, other = engine(model, tok, ids, 8, 1.0, seeds, capture_block=1)
+        assert bool(torch._dynamo.utils.counters["stats"]["unique_graphs"]) == engine.compile  # compiled iff asked
+        assert torch.equal(batch.response_ids, base.response_ids), engine
+        assert torch.equal(batch.response_mask, base.response_mask), engine
+        torch.testing.assert_close(other.logprobs, trace.logprobs, atol=1e-5, rtol=1e-5)
+        assert (other.hidden is None) == engine.compile  # compiled steps keep no block input
+    with pytest.raises(ValueError, match="static_cache"):
+        HFGenerate(compile=True)
