@@ -59,8 +59,14 @@ from palate.lm.rollout import (
     shard_bounds,
 )
 from palate.lm.sft import save_causal_lm
-from palate.lm.trainable import freeze_all_but_last_layers, lora_config, make_trainable
-from palate.lm.training import adamw, reset_accelerator_settings
+from palate.lm.trainable import (
+    checkpointing_armed,
+    enable_block_checkpointing,
+    freeze_all_but_last_layers,
+    lora_config,
+    make_trainable,
+)
+from palate.lm.training import adamw, peak_gpu_mb, peak_rss_mb, reset_accelerator_settings
 from palate.lm.value import PolicyAndValue, ValueModel, fold_normalisation
 from palate.runs import (
     MetricsLogger,
@@ -139,6 +145,10 @@ class LMPPOTrainer:
             reference.to(self.device)
         policy.eval()  # no dropout anywhere: PPO's ratio must be 1 before the first step
         value_model.eval()
+        # Blocks of both networks that recompute activations in the update's backward pass.
+        self.checkpointed: list[nn.Module] = []
+        if cfg.gradient_checkpointing:
+            self.checkpointed = enable_block_checkpointing(policy) + enable_block_checkpointing(value_model.backbone)
         self.model = PolicyAndValue(policy, value_model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
@@ -160,6 +170,7 @@ class LMPPOTrainer:
         self.update_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.iteration = 0
         self.max_new_tokens = cfg.max_new_tokens or 24
+        self._generation_s = 0.0
 
     def _check_processes(self, cfg: LMPPOConfig, online: Any) -> None:
         """Refuse what a multi-process run cannot do, before anything is trained."""
@@ -206,12 +217,16 @@ class LMPPOTrainer:
         lo, hi = shard_bounds(cfg.batch_size, acc.process_index, acc.num_processes)
         ids = [self.prompt_ids[i] for i in index[lo:hi]]
         seeds = [row_seed(cfg.seed, self.iteration, j) for j in range(lo, hi)]
-        batch, trace = self.engine(self.unwrapped.policy, self.tokenizer, ids, self.max_new_tokens, cfg.temperature,
-                                   seeds, capture_block=self.unwrapped.policy_start or None)
-        logp, ref_logp, entropy, values, policy_prefix, value_prefix = self._forward_rollout(batch, trace)
-        local_prompts = [self.prompts[i] for i in index[lo:hi]]
-        scores = torch.as_tensor(self.score_fn(local_prompts, decode_responses(self.tokenizer, batch)),
-                                 dtype=torch.float32).detach().cpu().view(-1)
+        # Under mixed_precision (bf16) the rollout's passes run in it too, as the update's do.
+        with acc.autocast():
+            t0 = time.perf_counter()
+            batch, trace = self.engine(self.unwrapped.policy, self.tokenizer, ids, self.max_new_tokens,
+                                       cfg.temperature, seeds, capture_block=self.unwrapped.policy_start or None)
+            self._generation_s = time.perf_counter() - t0
+            logp, ref_logp, entropy, values, policy_prefix, value_prefix = self._forward_rollout(batch, trace)
+            local_prompts = [self.prompts[i] for i in index[lo:hi]]
+            scores = torch.as_tensor(self.score_fn(local_prompts, decode_responses(self.tokenizer, batch)),
+                                     dtype=torch.float32).detach().cpu().view(-1)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         batch, (logp, ref_logp, entropy, values), (policy_prefix, value_prefix), (scores,) = gather_rollout(
             acc, batch, pad_id, (logp, ref_logp, entropy, values), (policy_prefix, value_prefix), (scores,))
@@ -256,12 +271,26 @@ class LMPPOTrainer:
         then changes memory, not the maths.
         """
         cfg = self.cfg
+        per_step: list[torch.Tensor] = []
+        with checkpointing_armed(self.checkpointed):
+            epochs_done = self._epochs(ro, per_step)
+        steps = torch.cat(per_step).mean(0)
+        out = {k: float(v) for k, v in zip(self._STATS, steps)}
+        if cfg.clip_range_vf is None:
+            del out["vf_clipfrac"]
+        if self.ptx is None:
+            del out["ptx_loss"]
+        out["epochs"] = epochs_done
+        return out
+
+    def _epochs(self, ro: Rollout, per_step: list[torch.Tensor]) -> int:
+        """The epochs of :meth:`update`; appends each epoch's per-step statistics, returns how many ran."""
+        cfg = self.cfg
         acc = self.accelerator
         n_proc, rank = acc.num_processes, acc.process_index
         per_process = cfg.mini_batch_size // n_proc
         micro = per_process // cfg.gradient_accumulation_steps
         token_mask = ro.batch.response_mask.float()
-        per_step: list[torch.Tensor] = []
         epochs_done = 0
         for _epoch in range(cfg.ppo_epochs):
             perm = torch.randperm(len(ro.batch), generator=self.update_generator)
@@ -294,14 +323,7 @@ class LMPPOTrainer:
             epochs_done += 1
             if cfg.target_kl is not None and float(totals[:, 3].mean()) > cfg.target_kl:
                 break  # KL early stop: the policy already left the region the samples describe
-        steps = torch.cat(per_step).mean(0)
-        out = {k: float(v) for k, v in zip(self._STATS, steps)}
-        if cfg.clip_range_vf is None:
-            del out["vf_clipfrac"]
-        if self.ptx is None:
-            del out["ptx_loss"]
-        out["epochs"] = epochs_done
-        return out
+        return epochs_done
 
     def _ptx_parts(self, n_proc: int, rank: int) -> list[tuple[torch.Tensor, float]] | None:
         """This process's micro-batch shares of one optimiser step's ``ptx_batch_size`` blocks,
@@ -359,11 +381,14 @@ class LMPPOTrainer:
 
     def step(self) -> tuple[dict[str, float], Rollout]:
         """One rollout + update + beta adaptation; returns metrics with the palate/CleanRL names."""
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         ro = self.rollout()
         t1 = time.perf_counter()
         upd = self.update(ro)
         t2 = time.perf_counter()
+        perf = self._throughput(ro, upd["epochs"], t2 - t1)
         mask = ro.batch.response_mask.float()
         kl_per_seq = ro.kl.sum(1)
         mean_kl = float(kl_per_seq.mean())
@@ -390,6 +415,7 @@ class LMPPOTrainer:
             "charts/tokens_per_s": n_tokens / max(t2 - t0, 1e-9),
             "time/rollout_s": t1 - t0,
             "time/update_s": t2 - t1,
+            **perf,
         }
         if "vf_clipfrac" in upd:
             metrics["ppo/val_clipfrac"] = upd["vf_clipfrac"]
@@ -397,6 +423,26 @@ class LMPPOTrainer:
             metrics["ptx/loss"] = upd["ptx_loss"]
         self.iteration += 1
         return metrics, ro
+
+    def _throughput(self, ro: Rollout, epochs: int, update_s: float) -> dict[str, float]:
+        """Generation and training tokens/s of all processes, and the largest process's peak memory.
+
+        Generation: the completions' tokens over the slowest process's sampling time. Training:
+        prompt + completion tokens through the update's forwards and backwards (every epoch),
+        over the update's time. Memory: ``torch.cuda.max_memory_allocated`` during this iteration
+        on a GPU, else the process's peak resident memory since it started.
+        """
+        acc = self.accelerator
+        memory = peak_gpu_mb() if torch.cuda.is_available() else peak_rss_mb()
+        local = torch.tensor([self._generation_s, float(memory)], dtype=torch.float64)
+        if acc.num_processes > 1:
+            local = acc.gather(local.to(acc.device)).view(-1, 2).max(0).values.cpu()
+        generation_s, memory = float(local[0]), float(local[1])
+        generated = float(ro.batch.response_mask.sum())
+        trained = float(ro.batch.attention_mask.sum()) * epochs
+        return {"perf/generation_tokens_per_s": generated / max(generation_s, 1e-9),
+                "perf/train_tokens_per_s": trained / max(update_s, 1e-9),
+                "perf/peak_memory_mb": memory, "time/generation_s": generation_s}
 
     def train(self, run_dir: Path, resume: bool = False) -> dict[str, Any]:
         """Run (or continue) the loop, logging each iteration and checkpointing atomically."""

@@ -8,8 +8,9 @@ two PPO iterations, with whitened scores and advantages, an adaptive beta and tw
 minibatches, must give the one-process losses, beta and trained weights: iteration 2 samples
 from the weights iteration 1 produced, so it agrees only if the first update did. Finally the
 two-process checkpoint resumes in one process, and its third iteration equals that of a
-one-process run resumed from its own checkpoint. The two processes are started with the shipped
-configs/accelerate/ddp.yaml.
+one-process run resumed from its own checkpoint. One iteration with LoRA adapters on policy and
+value (the reference is the policy with its adapters off) must agree in the same way. The two
+processes are started with the shipped configs/accelerate/ddp.yaml.
 """
 
 from __future__ import annotations
@@ -22,32 +23,38 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 WORKER = textwrap.dedent("""
     import copy, shutil, sys
     from palate.lm.ppo import LMPPOConfig, LMPPOTrainer, ValueModel
+    from palate.lm.trainable import make_trainable
     from palate.lm.testing import tiny_causal_lm
     from palate.runs import seed_everything
 
     PROMPTS = ["The movie was", "I did not like the food, it was cold", "Write a short poem", "List three colours",
                "Once upon a time", "Thank you! This is", "Explain why the sky", "The quick brown fox"]
 
-    def trainer(iterations):
+    def trainer(iterations, lora=False):
         cfg = LMPPOConfig(reward_fn="x", batch_size=8, mini_batch_size=4, ppo_epochs=2, iterations=iterations,
-                          learning_rate=1e-3, max_new_tokens=6, device="cpu", save_every=1, adaptive_kl=True,
-                          kl_target=0.05, kl_horizon=100, whiten_scores=True, seed=5)
+                          learning_rate=1e-2 if lora else 1e-3, max_new_tokens=6, device="cpu", save_every=1,
+                          adaptive_kl=True, kl_target=0.05, kl_horizon=100, whiten_scores=True, seed=5,
+                          lora_r=4 if lora else 0)
         seed_everything(cfg.seed)
         model, tok = tiny_causal_lm(seed=0)
+        value = ValueModel.from_causal_lm(model)
+        reference = None if lora else copy.deepcopy(model)
+        model = make_trainable(model, value, cfg.lora_r, 8, 0)
         score = lambda p, c: [float(x.count("e")) + 0.1 * len(x) for x in c]
-        return LMPPOTrainer(cfg, model, tok, ValueModel.from_causal_lm(model), score, PROMPTS,
-                            lambda p: tok.encode(p), reference=copy.deepcopy(model))
+        return LMPPOTrainer(cfg, model, tok, value, score, PROMPTS, lambda p: tok.encode(p), reference=reference)
 
     from pathlib import Path
     mode, run = sys.argv[1], Path(sys.argv[2])
     if mode in ("train", "both"):
         trainer(2).train(run)
+        trainer(1, lora=True).train(run / "lora")  # LoRA adapters on policy and value
     if mode == "both":  # keep the iteration-2 weights, which the resumed run's checkpoint replaces
         shutil.copy(run / "checkpoint.pt", run / "checkpoint-2.pt")
     if mode in ("resume", "both"):
@@ -102,6 +109,14 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path: Path) -> None:
     for name in w1:
         torch.testing.assert_close(w1[name], w2[name], atol=1e-5, rtol=1e-4, msg=name)
     assert json.loads((two / "summary.json").read_text())["num_processes"] == 2
+    l1, l2 = _metrics(one / "lora"), _metrics(two / "lora")
+    for key in KEYS:
+        assert l1[0][key] == pytest.approx(l2[0][key], rel=1e-4, abs=1e-5), ("lora", key, l1[0][key], l2[0][key])
+    lora1, lora2 = _weights(one / "lora"), _weights(two / "lora")
+    assert lora1 and all("lora_" in name for name in lora1 if "head" not in name)
+    for name in lora1:
+        torch.testing.assert_close(lora1[name], lora2[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert any(not torch.all(w == 0) for n, w in lora2.items() if "lora_B" in n)  # the adapters were trained
     completions = [[json.loads(s)["completion"] for s in (run / "samples.jsonl").read_text().splitlines()]
                    for run in (one, two)]
     assert completions[0][:len(completions[1])] == completions[1]
@@ -160,3 +175,69 @@ def test_static_cache_and_compiled_decoding_sample_the_same_tokens() -> None:
         assert (other.hidden is None) == engine.compile  # compiled steps keep no block input
     with pytest.raises(ValueError, match="static_cache"):
         HFGenerate(compile=True)
+
+
+def _tiny_trainer(**overrides):
+    import copy
+
+    from palate.lm.ppo import LMPPOConfig, LMPPOTrainer, ValueModel
+    from palate.lm.testing import tiny_causal_lm
+    from palate.runs import seed_everything
+
+    cfg = LMPPOConfig(reward_fn="x", batch_size=4, mini_batch_size=2, ppo_epochs=1, learning_rate=1e-3,
+                      max_new_tokens=6, device="cpu", **overrides)
+    seed_everything(0)
+    model, tok = tiny_causal_lm(seed=0)
+    return LMPPOTrainer(cfg, model, tok, ValueModel.from_causal_lm(model),
+                        lambda p, c: [float(x.count("e")) for x in c], PROMPTS, lambda p: tok.encode(p),
+                        reference=copy.deepcopy(model))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_gradient_checkpointing_recomputes_both_networks_and_changes_nothing() -> None:
+    """With gradient_checkpointing every block of policy and value runs again in the backward
+    pass (twice the block calls of an update), and the update is the same; an iteration logs
+    its generation and training throughput and its peak memory."""
+    runs = {}
+    for on in (False, True):
+        trainer = _tiny_trainer(gradient_checkpointing=on)
+        ro = trainer.rollout()
+        calls = {"policy": 0, "value": 0}
+        blocks = {"policy": trainer.unwrapped.policy.model.layers[0], "value": trainer.unwrapped.value.backbone.layers[0]}
+        # A block's own hooks stay outside the checkpoint; its MLP is entered again in the
+        # recomputation (a pre-hook: the recomputation stops once it has what backward needs).
+        hooks = [b.mlp.register_forward_pre_hook(lambda *a, k=k, c=calls: c.__setitem__(k, c[k] + 1))
+                 for k, b in blocks.items()]
+        stats = trainer.update(ro)
+        for h in hooks:
+            h.remove()
+        runs[on] = (calls, stats, {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()})
+        assert all(not b.training for b in blocks.values())  # armed only inside the update
+    assert runs[True][0] == {k: 2 * v for k, v in runs[False][0].items()}
+    for key in ("pg_loss", "vf_loss", "approx_kl"):
+        assert runs[True][1][key] == pytest.approx(runs[False][1][key], rel=1e-5, abs=1e-7), key
+    for name, w in runs[True][2].items():
+        torch.testing.assert_close(w, runs[False][2][name], atol=1e-6, rtol=1e-5, msg=name)
+    metrics, _ = trainer.step()
+    for key in ("perf/generation_tokens_per_s", "perf/train_tokens_per_s", "perf/peak_memory_mb"):
+        assert metrics[key] > 0, key
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_mixed_precision_bf16_runs_the_rollout_in_bf16() -> None:
+    """With mixed_precision bf16 the rollout's log pi is bf16's, not float32's, so the first
+    update's ratio starts near 1 instead of off by the precision gap."""
+    from palate.lm.generation import response_logprobs
+
+    trainer = _tiny_trainer(mixed_precision="bf16")
+    ro = trainer.rollout()
+    policy = trainer.unwrapped.policy
+    with torch.no_grad():
+        fp32 = response_logprobs(policy, ro.batch)
+        with trainer.accelerator.autocast():
+            bf16 = response_logprobs(policy, ro.batch)
+    gap_fp32 = (ro.logprobs - fp32).abs().max()
+    assert gap_fp32 > 1e-4  # the rollout was not float32
+    assert (ro.logprobs - bf16).abs().max() < gap_fp32
+    stats = trainer.update(ro)
+    assert all(np.isfinite(v) for v in stats.values())
