@@ -9,7 +9,9 @@ minibatches, must give the one-process losses, beta and trained weights: iterati
 from the weights iteration 1 produced, so it agrees only if the first update did. Finally the
 two-process checkpoint resumes in one process, and its third iteration equals that of a
 one-process run resumed from its own checkpoint. One iteration with LoRA adapters on policy and
-value (the reference is the policy with its adapters off) must agree in the same way. The two
+value (the reference is the policy with its adapters off), and one training only the top block
+from the frozen-prefix cache (whose hidden states are gathered with the rollout), must agree in
+the same way. The two
 processes are started with the shipped configs/accelerate/ddp.yaml.
 """
 
@@ -37,16 +39,16 @@ WORKER = textwrap.dedent("""
     PROMPTS = ["The movie was", "I did not like the food, it was cold", "Write a short poem", "List three colours",
                "Once upon a time", "Thank you! This is", "Explain why the sky", "The quick brown fox"]
 
-    def trainer(iterations, lora=False):
+    def trainer(iterations, lora=False, top_blocks=0):
         cfg = LMPPOConfig(reward_fn="x", batch_size=8, mini_batch_size=4, ppo_epochs=2, iterations=iterations,
                           learning_rate=1e-2 if lora else 1e-3, max_new_tokens=6, device="cpu", save_every=1,
                           adaptive_kl=True, kl_target=0.05, kl_horizon=100, whiten_scores=True, seed=5,
-                          lora_r=4 if lora else 0)
+                          lora_r=4 if lora else 0, trainable_layers=top_blocks)
         seed_everything(cfg.seed)
         model, tok = tiny_causal_lm(seed=0)
         value = ValueModel.from_causal_lm(model)
         reference = None if lora else copy.deepcopy(model)
-        model = make_trainable(model, value, cfg.lora_r, 8, 0)
+        model = make_trainable(model, value, cfg.lora_r, 8, top_blocks)
         score = lambda p, c: [float(x.count("e")) + 0.1 * len(x) for x in c]
         return LMPPOTrainer(cfg, model, tok, value, score, PROMPTS, lambda p: tok.encode(p), reference=reference)
 
@@ -55,6 +57,9 @@ WORKER = textwrap.dedent("""
     if mode in ("train", "both"):
         trainer(2).train(run)
         trainer(1, lora=True).train(run / "lora")  # LoRA adapters on policy and value
+        t = trainer(1, top_blocks=1)  # the top block only, from the frozen-prefix cache
+        assert t.unwrapped.policy_start == t.unwrapped.value_start == 1
+        t.train(run / "top")
     if mode == "both":  # keep the iteration-2 weights, which the resumed run's checkpoint replaces
         shutil.copy(run / "checkpoint.pt", run / "checkpoint-2.pt")
     if mode in ("resume", "both"):
@@ -109,14 +114,17 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path: Path) -> None:
     for name in w1:
         torch.testing.assert_close(w1[name], w2[name], atol=1e-5, rtol=1e-4, msg=name)
     assert json.loads((two / "summary.json").read_text())["num_processes"] == 2
-    l1, l2 = _metrics(one / "lora"), _metrics(two / "lora")
-    for key in KEYS:
-        assert l1[0][key] == pytest.approx(l2[0][key], rel=1e-4, abs=1e-5), ("lora", key, l1[0][key], l2[0][key])
-    lora1, lora2 = _weights(one / "lora"), _weights(two / "lora")
-    assert lora1 and all("lora_" in name for name in lora1 if "head" not in name)
-    for name in lora1:
-        torch.testing.assert_close(lora1[name], lora2[name], atol=1e-5, rtol=1e-4, msg=name)
-    assert any(not torch.all(w == 0) for n, w in lora2.items() if "lora_B" in n)  # the adapters were trained
+    for part in ("lora", "top"):
+        p1, p2 = _metrics(one / part), _metrics(two / part)
+        for key in KEYS:
+            assert p1[0][key] == pytest.approx(p2[0][key], rel=1e-4, abs=1e-5), (part, key, p1[0][key], p2[0][key])
+        w1, w2 = _weights(one / part), _weights(two / part)
+        for name in w1:
+            torch.testing.assert_close(w1[name], w2[name], atol=1e-5, rtol=1e-4, msg=f"{part} {name}")
+    lora = _weights(two / "lora")
+    assert lora and all("lora_" in name for name in lora if "head" not in name)
+    assert any(not torch.all(w == 0) for n, w in lora.items() if "lora_B" in n)  # the adapters were trained
+    assert all(".layers.1." in n or "norm" in n or "head" in n for n in _weights(two / "top"))
     completions = [[json.loads(s)["completion"] for s in (run / "samples.jsonl").read_text().splitlines()]
                    for run in (one, two)]
     assert completions[0][:len(completions[1])] == completions[1]
