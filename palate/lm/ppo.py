@@ -449,7 +449,9 @@ class LMPPOTrainer:
         cfg = self.cfg
         if resume:
             self.load_checkpoint(run_dir)
-            truncate_metrics(run_dir, self.iteration)
+            if self.accelerator.is_main_process:
+                truncate_metrics(run_dir, self.iteration)
+            self.accelerator.wait_for_everyone()
         logger = MetricsLogger(run_dir, tensorboard=False) if self.accelerator.is_main_process else None
         samples_path = run_dir / "samples.jsonl"
         start_time = time.perf_counter()
