@@ -15,6 +15,11 @@ One iteration, top to bottom, like CleanRL's single-file PPO:
 
 The value function has the reward model's shape (backbone + scalar head) and starts *as* the
 reward model (InstructGPT, appendix C.3), so its first predictions are already calibrated.
+
+Under ``accelerate launch --num_processes N`` (DDP) each process samples and scores a slice of
+the global batch, the slices are gathered so steps 3 and 5 see the whole batch, and each process
+takes a slice of every minibatch in step 4: the run makes the one-process updates
+(docs/gpu-multiprocess.md).
 """
 
 from __future__ import annotations
