@@ -312,7 +312,9 @@ class GenerationEngine(Protocol):
     seeded ``row_seeds[i]`` (so the completions do not depend on how the batch is split over
     processes) at ``temperature``, top-k and top-p off, stopping at the model's EOS. ``trace`` is
     what the engine computed anyway, or ``None``: then the rollout runs one more policy forward
-    for log pi. ``model`` holds the current weights: an engine that keeps its own copy must
+    for log pi; ``capture_block`` asks for the hidden state entering that block (the frozen-prefix
+    cache), which an engine may leave out (``trace.hidden = None``: the rollout then computes it).
+    ``model`` holds the current weights: an engine that keeps its own copy must
     refresh it from ``model`` on every call, because the policy changes every iteration.
     """
 
