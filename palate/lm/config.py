@@ -232,6 +232,10 @@ class LMPPOConfig:
         True, "with trainable_layers: run the frozen lower blocks once per rollout, not in every update step")
     reuse_generation: bool = doc_field(
         True, "take the rollout's log pi (and prefix cache) from generation, not from a second policy forward")
+    generation_static_cache: bool = doc_field(
+        False, "sample with a preallocated (static) KV cache: fixed shapes, what compile_generation needs")
+    compile_generation: bool = doc_field(
+        False, "torch.compile the decoding step (needs generation_static_cache; the first rollout compiles)")
     iterations: int = doc_field(20, "PPO iterations (rollout + update)")
     online_every: int = doc_field(0, "every M iterations collect new comparisons and retrain the RM (0 = off)")
     online_prompts: int = doc_field(8, "prompts per online collection round")
@@ -276,6 +280,9 @@ class LMPPOConfig:
             raise ConfigError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.online_redundancy < 1:
             raise ConfigError(f"online_redundancy must be >= 1 (people per comparison), got {self.online_redundancy}")
+        if self.compile_generation and not self.generation_static_cache:
+            raise ConfigError("compile_generation needs generation_static_cache: true (transformers compiles "
+                              "only a fixed-shape cache)")
 
     @property
     def run_dir(self) -> Path:

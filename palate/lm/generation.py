@@ -13,7 +13,9 @@ import functools
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -128,15 +130,19 @@ def sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     batch_size: int | None = None,
+    row_seeds: Sequence[int] | None = None,
 ) -> RolloutBatch:
     """Sample one response per prompt with ``model.generate`` (KV cache), stopping at EOS.
 
     Sampling is from the untruncated softmax at ``temperature`` by default (top-k off, top-p 1):
     PPO's ratio and the KL penalty assume the tokens come from exactly the distribution whose
     log-probabilities :func:`response_logprobs` recomputes. Randomness comes from torch's global
-    generator, so ``seed_everything`` makes a rollout reproducible.
+    generator, so ``seed_everything`` makes a rollout reproducible; with ``row_seeds`` (one per
+    prompt) each row draws from its own generator instead (:class:`RowSeededSampling`), so a
+    row's completion does not depend on which other rows share its batch or process.
     """
-    return _sample(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, batch_size, False, None)[0]
+    return _sample(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, batch_size, False, None,
+                   row_seeds)[0]
 
 
 @torch.no_grad()
@@ -148,6 +154,7 @@ def sample_traced(
     temperature: float = 1.0,
     batch_size: int | None = None,
     capture_block: int | None = None,
+    row_seeds: Sequence[int] | None = None,
 ) -> tuple[RolloutBatch, SampleTrace]:
     """:func:`sample` (top-p 1) plus the log-probabilities, entropies and, with ``capture_block``,
     the hidden states entering that block, all read off the generation's own forwards.
@@ -157,26 +164,38 @@ def sample_traced(
     full forward to float rounding (tested), which is all PPO's first ratio (= 1) needs.
     """
     batch, trace = _sample(model, tokenizer, prompt_ids, max_new_tokens, temperature, 1.0, batch_size, True,
-                           capture_block)
+                           capture_block, row_seeds)
     assert trace is not None
     return batch, trace
 
 
 def _sample(model: torch.nn.Module, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
             temperature: float, top_p: float, batch_size: int | None, traced: bool,
-            capture_block: int | None) -> tuple[RolloutBatch, SampleTrace | None]:
-    from transformers import GenerationConfig
+            capture_block: int | None, row_seeds: Sequence[int] | None = None,
+            generate_options: dict | None = None) -> tuple[RolloutBatch, SampleTrace | None]:
+    from transformers import GenerationConfig, LogitsProcessorList
 
     if max_new_tokens < 1:
         raise ValueError(f"sample: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if generate_options and row_seeds is None:
+        raise ValueError("sample: generate_options (static cache, compile) are only used with row_seeds")
+    if row_seeds is not None and (len(row_seeds) != len(prompt_ids) or top_p != 1.0):
+        raise ValueError(f"sample: row_seeds needs one seed per prompt ({len(row_seeds)} for {len(prompt_ids)}) "
+                         f"and top_p 1 (got {top_p})")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = eos_token_ids(model, tokenizer)
     device = next(model.parameters()).device
-    gen_cfg = GenerationConfig(
-        do_sample=True, temperature=temperature, top_k=0, top_p=top_p, max_new_tokens=max_new_tokens,
-        eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True,
-        output_logits=traced, return_dict_in_generate=traced,
-    )
+    if row_seeds is None:
+        gen_cfg = GenerationConfig(
+            do_sample=True, temperature=temperature, top_k=0, top_p=top_p, max_new_tokens=max_new_tokens,
+            eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True,
+            output_logits=traced, return_dict_in_generate=traced,
+        )
+    else:  # the sampling happens in RowSeededSampling; generate only takes the argmax
+        gen_cfg = GenerationConfig(
+            do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
+            use_cache=True, output_logits=traced, return_dict_in_generate=traced, **(generate_options or {}),
+        )
     query_ids, query_mask = left_pad(prompt_ids, pad_id)
     chunk = batch_size or len(prompt_ids)
     responses: list[torch.Tensor] = []
@@ -205,7 +224,11 @@ def _sample(model: torch.nn.Module, tokenizer, prompt_ids: Sequence[Sequence[int
             keep = int(m.sum(1).max())
             q, m = q[:, -keep:].to(device), m[:, -keep:].to(device)
             captured.clear()
-            out = model.generate(input_ids=q, attention_mask=m, generation_config=gen_cfg)
+            processors = LogitsProcessorList()
+            if row_seeds is not None:
+                processors.append(RowSeededSampling(row_seeds[start:start + chunk], temperature))
+            out = model.generate(input_ids=q, attention_mask=m, generation_config=gen_cfg,
+                                 logits_processor=processors)
             sequences = out.sequences if traced else out
             response = sequences[:, q.shape[1]:]
             responses.append(response.cpu())
@@ -246,6 +269,104 @@ def _sample(model: torch.nn.Module, tokenizer, prompt_ids: Sequence[Sequence[int
         # Padding and post-EOS positions: zeros, never attended to, never NaN.
         hidden = hidden * batch.attention_mask.unsqueeze(-1).to(hidden.dtype)
     return batch, SampleTrace(logprobs, entropy, hidden)
+
+
+def row_seed(seed: int, iteration: int, row: int) -> int:
+    """The sampling seed of row ``row`` of rollout ``iteration`` of a run seeded ``seed``.
+
+    A function of the row's place in the *global* batch only, so a rollout sharded over any
+    number of processes samples the same completions as one process does.
+    """
+    return int(np.random.SeedSequence([seed, iteration, row]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class RowSeededSampling:
+    """Exact sampling at ``temperature`` with one random generator per row, as a logits processor.
+
+    Returns ``logits / T + Gumbel noise`` and lets greedy decoding take the argmax: the
+    Gumbel-max trick, which draws from exactly softmax(logits / T). Each row's noise comes from
+    its own generator, seeded by :func:`row_seed`, so what a row samples is independent of the
+    other rows of its batch (``torch.multinomial`` on a batch consumes one shared stream).
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float = 1.0) -> None:
+        self.seeds = [int(s) for s in seeds]
+        self.temperature = temperature
+        self.generators: list[torch.Generator] | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        device = scores.device
+        if self.generators is None:
+            self.generators = [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
+        if len(self.generators) != scores.shape[0]:
+            raise ValueError(f"RowSeededSampling: {len(self.generators)} seeds for {scores.shape[0]} rows")
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=device) for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))
+        return scores.float() / self.temperature + gumbel
+
+
+class GenerationEngine(Protocol):
+    """What an LM PPO rollout calls to sample: the seam for another engine (vLLM, SGLang...).
+
+    ``(batch, trace)`` for one completion per prompt, row ``i`` sampled from its own generator
+    seeded ``row_seeds[i]`` (so the completions do not depend on how the batch is split over
+    processes) at ``temperature``, top-k and top-p off, stopping at the model's EOS. ``trace`` is
+    what the engine computed anyway, or ``None``: then the rollout runs one more policy forward
+    for log pi; ``capture_block`` asks for the hidden state entering that block (the frozen-prefix
+    cache), which an engine may leave out (``trace.hidden = None``: the rollout then computes it).
+    ``model`` holds the current weights: an engine that keeps its own copy must
+    refresh it from ``model`` on every call, because the policy changes every iteration.
+    """
+
+    def __call__(self, model: torch.nn.Module, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
+                 temperature: float, row_seeds: Sequence[int],
+                 capture_block: int | None = None) -> tuple[RolloutBatch, SampleTrace | None]: ...
+
+
+@dataclass
+class HFGenerate:
+    """The default engine: transformers' ``generate`` with a KV cache, in this process.
+
+    Attributes:
+        traced: keep log pi, the entropy and the requested block's input from generation
+            (:func:`sample_traced`), so the rollout need not run the policy again.
+        static_cache: a preallocated KV cache (``cache_implementation="static"``): fixed shapes, which
+            is what lets ``compile`` capture the decoding step once; on its own it saves allocations.
+        compile: ``torch.compile`` the decoding step (needs ``static_cache``; the first call compiles,
+            which takes minutes on a CPU). The block-input capture is not taken from compiled steps
+            (a compiled graph may reuse its output buffers), so ``trace.hidden`` is then ``None``.
+        compile_backend: torch.compile's backend (``"eager"`` checks the compiled path quickly).
+    """
+
+    traced: bool = True
+    static_cache: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+
+    def __post_init__(self) -> None:
+        if self.compile and not self.static_cache:
+            raise ValueError("HFGenerate: compile needs static_cache (transformers compiles only fixed-shape caches)")
+
+    def options(self) -> dict:
+        """The ``GenerationConfig`` fields these settings add."""
+        if not self.static_cache:
+            return {}
+        if not self.compile:
+            # transformers compiles static-cache decoding on a GPU by default; here it is asked for.
+            return {"cache_implementation": "static", "disable_compile": True}
+        from transformers.generation.configuration_utils import CompileConfig
+
+        compile_config = CompileConfig(backend=self.compile_backend,
+                                       mode="reduce-overhead" if self.compile_backend == "inductor" else None)
+        compile_config._compile_all_devices = True  # also on a CPU, where transformers would not
+        return {"cache_implementation": "static", "compile_config": compile_config}
+
+    def __call__(self, model: torch.nn.Module, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
+                 temperature: float, row_seeds: Sequence[int],
+                 capture_block: int | None = None) -> tuple[RolloutBatch, SampleTrace | None]:
+        capture = capture_block if self.traced and not self.compile else None
+        return _sample(model, tokenizer, prompt_ids, max_new_tokens, temperature, 1.0, None, self.traced, capture,
+                       row_seeds, self.options())
 
 
 def logits_to_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,

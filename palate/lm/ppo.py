@@ -15,6 +15,11 @@ One iteration, top to bottom, like CleanRL's single-file PPO:
 
 The value function has the reward model's shape (backbone + scalar head) and starts *as* the
 reward model (InstructGPT, appendix C.3), so its first predictions are already calibrated.
+
+Under ``accelerate launch --num_processes N`` (DDP) each process samples and scores a slice of
+the global batch, the slices are gathered so steps 3 and 5 see the whole batch, and each process
+takes a slice of every minibatch in step 4: the run makes the one-process updates
+(docs/gpu-multiprocess.md).
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -39,13 +43,14 @@ from palate.core.stats import masked_mean, whiten
 from palate.errors import CheckpointError, ConfigError
 from palate.lm.config import LMPPOConfig
 from palate.lm.generation import (
+    GenerationEngine,
+    HFGenerate,
     RolloutBatch,
     SampleTrace,
     contiguous_head_input,
     decode_responses,
     logits_to_logprobs,
-    sample,
-    sample_traced,
+    row_seed,
 )
 from palate.lm.pretrain_text import PretrainBatches
 from palate.lm.rollout import (
@@ -53,12 +58,20 @@ from palate.lm.rollout import (
     Rollout,
     ScoreFn,
     forward_rollout,
+    gather_rollout,
     make_score_fn,
     setup_prefix_cache,
+    shard_bounds,
 )
 from palate.lm.sft import save_causal_lm
-from palate.lm.trainable import freeze_all_but_last_layers, lora_config, make_trainable
-from palate.lm.training import adamw, reset_accelerator_settings
+from palate.lm.trainable import (
+    checkpointing_armed,
+    enable_block_checkpointing,
+    freeze_all_but_last_layers,
+    lora_config,
+    make_trainable,
+)
+from palate.lm.training import adamw, peak_gpu_mb, peak_rss_mb, reset_accelerator_settings
 from palate.lm.value import PolicyAndValue, ValueModel, fold_normalisation
 from palate.runs import (
     MetricsLogger,
@@ -99,12 +112,14 @@ class LMPPOTrainer:
         reference: frozen rho; ``None`` with LoRA means "the policy with adapters disabled".
         ptx_blocks: ``[N, T]`` pretraining token blocks for PPO-ptx (needed when ptx_coef > 0).
         online: an :class:`palate.lm.online.OnlineCollector` run every ``cfg.online_every`` iterations.
+        engine: what samples the rollouts (:class:`palate.lm.generation.GenerationEngine`); by default
+            transformers' ``generate`` with the config's cache and compile settings.
     """
 
     def __init__(self, cfg: LMPPOConfig, policy: nn.Module, tokenizer, value_model: ValueModel,
                  score_fn: ScoreFn, prompts: Sequence[str], encode_prompt: Callable[[str], list[int]],
                  reference: nn.Module | None = None, ptx_blocks: torch.Tensor | None = None,
-                 online: Any = None) -> None:
+                 online: Any = None, engine: GenerationEngine | None = None) -> None:
         from accelerate import Accelerator
 
         if cfg.ptx_coef > 0 and ptx_blocks is None:
@@ -119,6 +134,8 @@ class LMPPOTrainer:
         self.prompts = list(prompts)
         self.prompt_ids = [encode_prompt(p)[-cfg.max_prompt_length:] for p in self.prompts]
         self.online = online
+        self.engine = engine or HFGenerate(traced=cfg.reuse_generation, static_cache=cfg.generation_static_cache,
+                                           compile=cfg.compile_generation)
         cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
         reset_accelerator_settings()
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
@@ -133,11 +150,16 @@ class LMPPOTrainer:
             reference.to(self.device)
         policy.eval()  # no dropout anywhere: PPO's ratio must be 1 before the first step
         value_model.eval()
+        # Blocks of both networks that recompute activations in the update's backward pass.
+        self.checkpointed: list[nn.Module] = []
+        if cfg.gradient_checkpointing:
+            self.checkpointed = enable_block_checkpointing(policy) + enable_block_checkpointing(value_model.backbone)
         self.model = PolicyAndValue(policy, value_model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("nothing to train: every parameter is frozen (check lora_r / trainable_layers)")
         optimizer = adamw(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self._check_processes(cfg, online)
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         self.unwrapped: PolicyAndValue = self.accelerator.unwrap_model(self.model)
         self.ref_shares_prefix = False
@@ -153,6 +175,27 @@ class LMPPOTrainer:
         self.update_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.iteration = 0
         self.max_new_tokens = cfg.max_new_tokens or 24
+        self._generation_s = 0.0
+
+    def _check_processes(self, cfg: LMPPOConfig, online: Any) -> None:
+        """Refuse what a multi-process run cannot do, before anything is trained."""
+        n = self.accelerator.num_processes
+        if n == 1:
+            return
+        kind = str(self.accelerator.distributed_type)
+        if "DEEPSPEED" in kind or "FSDP" in kind:
+            raise ConfigError(f"LM PPO runs data-parallel under DDP only (this launch is {kind}): its checkpoint "
+                              "holds one replica of the optimiser; launch with configs/accelerate/ddp.yaml")
+        if cfg.mini_batch_size % (n * cfg.gradient_accumulation_steps):
+            raise ConfigError(f"mini_batch_size ({cfg.mini_batch_size}) must be a multiple of num_processes x "
+                              f"gradient_accumulation_steps ({n} x {cfg.gradient_accumulation_steps}): each process "
+                              "takes an equal share of every minibatch")
+        if cfg.ptx_coef > 0 and cfg.ptx_batch_size < n * cfg.gradient_accumulation_steps:
+            raise ConfigError(f"ptx_batch_size ({cfg.ptx_batch_size}) must be at least num_processes x "
+                              f"gradient_accumulation_steps ({n} x {cfg.gradient_accumulation_steps})")
+        if online is not None:
+            raise ConfigError("online collection (online_every > 0) runs in one process only; launch without "
+                              "accelerate's --num_processes or set online_every: 0")
 
     # -- rollout ---------------------------------------------------------------------------
 
@@ -167,19 +210,33 @@ class LMPPOTrainer:
                                self.cfg.forward_batch_size, self.cfg.temperature, self.device, trace)
 
     def rollout(self) -> Rollout:
+        """Sample, score and shape one global batch of ``batch_size`` prompts.
+
+        Every process draws the same global prompt indices, samples and scores its contiguous
+        slice (each row seeded by its place in the global batch, :func:`row_seed`), and the shards
+        are gathered: shaping and whitening then see the whole batch, as in one process.
+        """
         cfg = self.cfg
+        acc = self.accelerator
         index = self.sampler.next(cfg.batch_size)
+        lo, hi = shard_bounds(cfg.batch_size, acc.process_index, acc.num_processes)
+        ids = [self.prompt_ids[i] for i in index[lo:hi]]
+        seeds = [row_seed(cfg.seed, self.iteration, j) for j in range(lo, hi)]
+        # Under mixed_precision (bf16) the rollout's passes run in it too, as the update's do.
+        with acc.autocast():
+            t0 = time.perf_counter()
+            batch, trace = self.engine(self.unwrapped.policy, self.tokenizer, ids, self.max_new_tokens,
+                                       cfg.temperature, seeds, capture_block=self.unwrapped.policy_start or None)
+            self._generation_s = time.perf_counter() - t0
+            logp, ref_logp, entropy, values, policy_prefix, value_prefix = self._forward_rollout(batch, trace)
+            local_prompts = [self.prompts[i] for i in index[lo:hi]]
+            scores = torch.as_tensor(self.score_fn(local_prompts, decode_responses(self.tokenizer, batch)),
+                                     dtype=torch.float32).detach().cpu().view(-1)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        batch, (logp, ref_logp, entropy, values), (policy_prefix, value_prefix), (scores,) = gather_rollout(
+            acc, batch, pad_id, (logp, ref_logp, entropy, values), (policy_prefix, value_prefix), (scores,))
         prompts = [self.prompts[i] for i in index]
-        ids = [self.prompt_ids[i] for i in index]
-        trace = None
-        if cfg.reuse_generation:
-            batch, trace = sample_traced(self.unwrapped.policy, self.tokenizer, ids, self.max_new_tokens,
-                                         cfg.temperature, capture_block=self.unwrapped.policy_start or None)
-        else:
-            batch = sample(self.unwrapped.policy, self.tokenizer, ids, self.max_new_tokens, cfg.temperature)
         completions = decode_responses(self.tokenizer, batch)
-        logp, ref_logp, entropy, values, policy_prefix, value_prefix = self._forward_rollout(batch, trace)
-        scores = torch.as_tensor(self.score_fn(prompts, completions), dtype=torch.float32).detach().cpu().view(-1)
         ro = self._shape(batch, prompts, completions, scores, logp, ref_logp, values, entropy)
         ro.policy_prefix, ro.value_prefix = policy_prefix, value_prefix
         return ro
@@ -203,38 +260,89 @@ class LMPPOTrainer:
 
     # -- update ----------------------------------------------------------------------------
 
+    # Per optimiser step, each process sums these over its micro-batches; the first six are sums
+    # over response tokens (divided by the minibatch's token count after the reduction), ptx_loss
+    # is already its share of the minibatch's mean pretraining NLL.
+    _STATS = ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "vf_clipfrac", "entropy", "ptx_loss")
+
     def update(self, ro: Rollout) -> dict[str, float]:
-        """``ppo_epochs`` passes of shuffled minibatches; stop early past ``target_kl``."""
+        """``ppo_epochs`` passes of shuffled minibatches; stop early past ``target_kl``.
+
+        Every process holds the whole rollout and draws the same permutation; of each minibatch of
+        ``mini_batch_size`` completions process ``r`` takes the ``r``-th equal slice. Losses are sums
+        over the slice's tokens divided by the *minibatch's* token count and multiplied by the
+        number of processes, so the gradient DDP averages is the one-process gradient of the
+        minibatch's token mean (the convention of :mod:`palate.lm.training`); gradient accumulation
+        then changes memory, not the maths.
+        """
         cfg = self.cfg
-        stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl",
-                                                         "vf_clipfrac", "ptx_loss", "entropy")}
-        epochs_done = 0
-        micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
-        for _epoch in range(cfg.ppo_epochs):
-            perm = torch.randperm(len(ro.batch), generator=self.update_generator)
-            epoch_kl = []
-            for start in range(0, len(perm), cfg.mini_batch_size):
-                mb_index = perm[start:start + cfg.mini_batch_size]
-                self.optimizer.zero_grad(set_to_none=True)
-                for k, idx in enumerate(mb_index.split(micro)):
-                    last = k == cfg.gradient_accumulation_steps - 1
-                    ctx = self.accelerator.no_sync(self.model) if not last else _nullcontext()
-                    with ctx:
-                        s = self._loss_and_backward(ro, idx)
-                    for key, v in s.items():
-                        stats[key].append(v)
-                    epoch_kl.append(s["approx_kl"])
-                if cfg.max_grad_norm:
-                    self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
-            epochs_done += 1
-            if cfg.target_kl is not None and float(np.mean(epoch_kl)) > cfg.target_kl:
-                break  # KL early stop: the policy already left the region the samples describe
-        out = {k: float(np.mean(v)) for k, v in stats.items() if v}
+        per_step: list[torch.Tensor] = []
+        with checkpointing_armed(self.checkpointed):
+            epochs_done = self._epochs(ro, per_step)
+        steps = torch.cat(per_step).mean(0)
+        out = {k: float(v) for k, v in zip(self._STATS, steps)}
+        if cfg.clip_range_vf is None:
+            del out["vf_clipfrac"]
+        if self.ptx is None:
+            del out["ptx_loss"]
         out["epochs"] = epochs_done
         return out
 
-    def _loss_and_backward(self, ro: Rollout, idx: torch.Tensor) -> dict[str, float]:
+    def _epochs(self, ro: Rollout, per_step: list[torch.Tensor]) -> int:
+        """The epochs of :meth:`update`; appends each epoch's per-step statistics, returns how many ran."""
+        cfg = self.cfg
+        acc = self.accelerator
+        n_proc, rank = acc.num_processes, acc.process_index
+        per_process = cfg.mini_batch_size // n_proc
+        micro = per_process // cfg.gradient_accumulation_steps
+        token_mask = ro.batch.response_mask.float()
+        epochs_done = 0
+        for _epoch in range(cfg.ppo_epochs):
+            perm = torch.randperm(len(ro.batch), generator=self.update_generator)
+            epoch_sums, epoch_tokens = [], []
+            for start in range(0, len(perm), cfg.mini_batch_size):
+                mb_index = perm[start:start + cfg.mini_batch_size]
+                n_tokens = float(token_mask[mb_index].sum().clamp_min(1.0))
+                local = mb_index[rank * per_process:(rank + 1) * per_process]
+                ptx_parts = self._ptx_parts(n_proc, rank)
+                self.optimizer.zero_grad(set_to_none=True)
+                sums = torch.zeros(len(self._STATS), dtype=torch.float64)
+                for k, idx in enumerate(local.split(micro)):
+                    last = k == cfg.gradient_accumulation_steps - 1
+                    ctx = acc.no_sync(self.model) if not last else _nullcontext()
+                    with ctx:
+                        sums += self._loss_and_backward(ro, idx, n_tokens, n_proc,
+                                                        ptx_parts[k] if ptx_parts else None)
+                if cfg.max_grad_norm:
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                epoch_sums.append(sums)
+                epoch_tokens.append(n_tokens)
+            # One reduction per epoch: every process then has the same statistics (and the same
+            # early-stopping decision, which must agree or the processes would fall out of step).
+            totals = torch.stack(epoch_sums)
+            if n_proc > 1:
+                totals = acc.reduce(totals.to(acc.device), "sum").cpu()
+            totals[:, :6] /= torch.tensor(epoch_tokens, dtype=torch.float64)[:, None]
+            per_step.append(totals)
+            epochs_done += 1
+            if cfg.target_kl is not None and float(totals[:, 3].mean()) > cfg.target_kl:
+                break  # KL early stop: the policy already left the region the samples describe
+        return epochs_done
+
+    def _ptx_parts(self, n_proc: int, rank: int) -> list[tuple[torch.Tensor, float]] | None:
+        """This process's micro-batch shares of one optimiser step's ``ptx_batch_size`` blocks,
+        each with its weight (share of the blocks), or None without ptx."""
+        if self.ptx is None:
+            return None
+        g = self.cfg.gradient_accumulation_steps
+        blocks = next(self.ptx)  # the same draw on every process: the stream is seeded alike
+        parts = blocks.tensor_split(n_proc * g)[rank * g:(rank + 1) * g]
+        return [(part, len(part) / len(blocks)) for part in parts]
+
+    def _loss_and_backward(self, ro: Rollout, idx: torch.Tensor, n_tokens: float, n_proc: int,
+                           ptx: tuple[torch.Tensor, float] | None) -> torch.Tensor:
+        """Backward of this micro-batch's share of the minibatch loss; returns its statistic sums."""
         cfg = self.cfg
         mb = ro.batch.select(idx).to(self.device)
         mask = mb.response_mask.float()
@@ -243,46 +351,49 @@ class LMPPOTrainer:
         mb = RolloutBatch(mb.query_ids, mb.query_mask, mb.response_ids[:, :width], mb.response_mask[:, :width],
                           mb.ended)
         mask = mask[:, :width]
+        n_local = mask.sum().clamp_min(1.0)
 
         def take(t: torch.Tensor) -> torch.Tensor:
             return t[idx][:, :width].to(self.device)
 
-        ptx_ids = None
-        if self.ptx is not None:
-            ptx_ids = next(self.ptx)[: max(1, cfg.ptx_batch_size // cfg.gradient_accumulation_steps)].to(self.device)
+        ptx_ids = ptx[0].to(self.device) if ptx is not None else None
         prefixes = [None if t is None else t[idx][:, :mb.input_ids.shape[1]].to(self.device)
                     for t in (ro.policy_prefix, ro.value_prefix)]
         with self.accelerator.autocast():
             logits, vpred, ptx_nll = self.model(mb.input_ids, mb.attention_mask, mb.query_ids.shape[1], ptx_ids,
                                                 *prefixes)
         logp, ent = logits_to_logprobs(logits, mb.response_ids, cfg.temperature, entropy_grad=cfg.ent_coef != 0)
+        # core's losses are token means over this micro-batch; times its token count they are sums.
         pg_loss, pg_stats = clipped_surrogate_loss(logp, take(ro.logprobs), take(ro.advantages), cfg.clip_range, mask)
         vf_loss, vf_stats = value_loss(vpred.float(), take(ro.values), take(ro.returns), cfg.clip_range_vf, mask)
         entropy = masked_mean(ent, mask)
-        loss = pg_loss + cfg.vf_coef * vf_loss
+        loss_sum = (pg_loss + cfg.vf_coef * vf_loss) * n_local
         if cfg.ent_coef != 0:
-            loss = loss - cfg.ent_coef * entropy
+            loss_sum = loss_sum - cfg.ent_coef * entropy * n_local
+        loss = loss_sum * (n_proc / n_tokens)
+        ptx_share = torch.zeros(())
         if ptx_nll is not None:
-            # PPO-ptx (InstructGPT eq. 2): maximise gamma * E_pretrain[log pi(x)].
-            loss = loss + cfg.ptx_coef * ptx_nll.float()
-        self.accelerator.backward(loss / cfg.gradient_accumulation_steps)
-        out = {"pg_loss": float(pg_loss.detach()), "vf_loss": float(vf_loss.detach()), "clipfrac": float(pg_stats["clipfrac"]),
-               "approx_kl": float(pg_stats["approx_kl"]), "entropy": float(entropy.detach())}
-        if "vf_clipfrac" in vf_stats:
-            out["vf_clipfrac"] = float(vf_stats["vf_clipfrac"])
-        if ptx_nll is not None:
-            out["ptx_loss"] = float(ptx_nll.detach())
-        return out
+            # PPO-ptx (InstructGPT eq. 2): maximise gamma * E_pretrain[log pi(x)] over the step's blocks.
+            ptx_share = ptx_nll.float() * ptx[1]
+            loss = loss + cfg.ptx_coef * ptx_share * n_proc
+        self.accelerator.backward(loss)
+        vf_clip = vf_stats.get("vf_clipfrac", torch.zeros(()))
+        parts = (pg_loss, vf_loss, pg_stats["clipfrac"], pg_stats["approx_kl"], vf_clip, entropy)
+        sums = [float(x.detach()) * float(n_local) for x in parts] + [float(ptx_share.detach())]
+        return torch.tensor(sums, dtype=torch.float64)
 
     # -- one iteration and the loop ----------------------------------------------------------
 
     def step(self) -> tuple[dict[str, float], Rollout]:
         """One rollout + update + beta adaptation; returns metrics with the palate/CleanRL names."""
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         ro = self.rollout()
         t1 = time.perf_counter()
         upd = self.update(ro)
         t2 = time.perf_counter()
+        perf = self._throughput(ro, upd["epochs"], t2 - t1)
         mask = ro.batch.response_mask.float()
         kl_per_seq = ro.kl.sum(1)
         mean_kl = float(kl_per_seq.mean())
@@ -309,6 +420,7 @@ class LMPPOTrainer:
             "charts/tokens_per_s": n_tokens / max(t2 - t0, 1e-9),
             "time/rollout_s": t1 - t0,
             "time/update_s": t2 - t1,
+            **perf,
         }
         if "vf_clipfrac" in upd:
             metrics["ppo/val_clipfrac"] = upd["vf_clipfrac"]
@@ -317,12 +429,34 @@ class LMPPOTrainer:
         self.iteration += 1
         return metrics, ro
 
+    def _throughput(self, ro: Rollout, epochs: int, update_s: float) -> dict[str, float]:
+        """Generation and training tokens/s of all processes, and the largest process's peak memory.
+
+        Generation: the completions' tokens over the slowest process's sampling time. Training:
+        prompt + completion tokens through the update's forwards and backwards (every epoch),
+        over the update's time. Memory: ``torch.cuda.max_memory_allocated`` during this iteration
+        on a GPU, else the process's peak resident memory since it started.
+        """
+        acc = self.accelerator
+        memory = peak_gpu_mb() if torch.cuda.is_available() else peak_rss_mb()
+        local = torch.tensor([self._generation_s, float(memory)], dtype=torch.float64)
+        if acc.num_processes > 1:
+            local = acc.gather(local.to(acc.device)).view(-1, 2).max(0).values.cpu()
+        generation_s, memory = float(local[0]), float(local[1])
+        generated = float(ro.batch.response_mask.sum())
+        trained = float(ro.batch.attention_mask.sum()) * epochs
+        return {"perf/generation_tokens_per_s": generated / max(generation_s, 1e-9),
+                "perf/train_tokens_per_s": trained / max(update_s, 1e-9),
+                "perf/peak_memory_mb": memory, "time/generation_s": generation_s}
+
     def train(self, run_dir: Path, resume: bool = False) -> dict[str, Any]:
         """Run (or continue) the loop, logging each iteration and checkpointing atomically."""
         cfg = self.cfg
         if resume:
             self.load_checkpoint(run_dir)
-            truncate_metrics(run_dir, self.iteration)
+            if self.accelerator.is_main_process:
+                truncate_metrics(run_dir, self.iteration)
+            self.accelerator.wait_for_everyone()
         logger = MetricsLogger(run_dir, tensorboard=False) if self.accelerator.is_main_process else None
         samples_path = run_dir / "samples.jsonl"
         start_time = time.perf_counter()
@@ -346,9 +480,10 @@ class LMPPOTrainer:
                         for p, c, s, kl in list(rows)[: cfg.log_samples]:
                             fh.write(json.dumps({"iteration": self.iteration, "prompt": p, "completion": c,
                                                  "score": s, "kl": kl}) + "\n")
-                log.info("iter %d/%d reward %.3f kl %.2f beta %.4f clipfrac %.3f %.0f tok/s",
-                         self.iteration, cfg.iterations, metrics["objective/reward"], metrics["objective/kl"],
-                         metrics["objective/kl_coef"], metrics["ppo/clipfrac"], metrics["charts/tokens_per_s"])
+                if self.accelerator.is_main_process:
+                    log.info("iter %d/%d reward %.3f kl %.2f beta %.4f clipfrac %.3f %.0f tok/s",
+                             self.iteration, cfg.iterations, metrics["objective/reward"], metrics["objective/kl"],
+                             metrics["objective/kl_coef"], metrics["ppo/clipfrac"], metrics["charts/tokens_per_s"])
                 if self.iteration % cfg.save_every == 0 or self.iteration == cfg.iterations:
                     self.save_checkpoint(run_dir)
         finally:
@@ -356,9 +491,10 @@ class LMPPOTrainer:
                 logger.close()
         self.save_model(run_dir / "model")
         summary = {"iterations": self.iteration, "final": last, "kl_coef": self.kl_ctl.kl_coef,
-                   "wall_s": time.perf_counter() - start_time}
+                   "num_processes": self.accelerator.num_processes, "wall_s": time.perf_counter() - start_time}
         if self.accelerator.is_main_process:
             atomic_write_json(run_dir / "summary.json", summary)
+        self.accelerator.wait_for_everyone()  # the run is complete on disk before any process returns
         return summary
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -504,12 +640,22 @@ def build_trainer(cfg: LMPPOConfig) -> LMPPOTrainer:
 
 def train_ppo(cfg: LMPPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Train and return the run directory (``<run>/model`` holds the policy)."""
+    from accelerate import PartialState
+
     run_dir = cfg.run_dir
     if resume:
         if not (run_dir / "config.yaml").is_file():
             raise CheckpointError(f"cannot resume {run_dir}: no config.yaml there")
     else:
-        prepare_run_dir(run_dir, config_to_dict(cfg), overwrite=overwrite)
+        # Under `accelerate launch` every process runs this: the main one makes the directory,
+        # the others wait for it (PartialState is the launch's process group, or one process).
+        state = PartialState(cpu=_device(cfg) == "cpu")
+        if (run_dir / "config.yaml").exists() and not overwrite:  # every process refuses alike
+            prepare_run_dir(run_dir, {}, overwrite=False)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            prepare_run_dir(run_dir, config_to_dict(cfg), overwrite=overwrite)
+        state.wait_for_everyone()
     trainer = build_trainer(cfg)
     trainer.train(run_dir, resume=resume)
     return run_dir

@@ -130,7 +130,8 @@ def forward_rollout(net: PolicyAndValue, reference: nn.Module | None, ref_shares
     """Rollout-time ``(log pi, log rho, entropy, V, policy prefix, value prefix)``, masked, on the CPU.
 
     Runs in chunks of ``chunk`` rows. With a generation ``trace`` log pi, the entropy and the
-    policy's prefix come from it and the policy is not run again.
+    policy's prefix come from it and the policy is not run again (but for the prefix, when the
+    trace has none).
     """
     outs: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, len(batch), chunk):
@@ -143,9 +144,11 @@ def forward_rollout(net: PolicyAndValue, reference: nn.Module | None, ref_shares
         policy_prefix = value_prefix = None
         if trace is not None:
             logp, ent = trace.logprobs[rows].to(device), trace.entropy[rows].to(device)
-            if net.policy_start:
-                assert trace.hidden is not None
+            if net.policy_start and trace.hidden is not None:
                 policy_prefix = trace.hidden[rows].to(device)
+            elif net.policy_start:  # the engine kept no block input: one pass up to the first trained block
+                _, policy_prefix = forward_capture(net.policy, net.policy_start, **inputs,
+                                                   **keep_response_logits(net.policy, r))
         else:
             keep = keep_response_logits(net.policy, r)
             if net.policy_start:
@@ -166,6 +169,57 @@ def forward_rollout(net: PolicyAndValue, reference: nn.Module | None, ref_shares
         m = mb.response_mask.float()
         outs.append((logp * m, ref_logp * m, ent * m, values.float() * m, policy_prefix, value_prefix))
     return tuple(None if parts[0] is None else torch.cat(parts).cpu() for parts in zip(*outs))
+
+
+def shard_bounds(n: int, rank: int, num_processes: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of a global batch of ``n`` that process ``rank`` samples (contiguous, equal)."""
+    if n % num_processes:
+        raise ValueError(f"a batch of {n} rows does not split evenly over {num_processes} processes")
+    per = n // num_processes
+    return rank * per, (rank + 1) * per
+
+
+def gather_rows(accelerator: Any, t: torch.Tensor, pad_value: float = 0, pad_first: bool = False) -> torch.Tensor:
+    """Every process's ``[b, L, ...]`` rows concatenated in process order, ``L`` padded to the widest.
+
+    ``pad_first`` pads on the left (prompts are left-padded). The result is on the CPU, where the
+    rollout lives; the collective runs on the accelerator's device (NCCL needs GPU tensors).
+    """
+    if accelerator.num_processes == 1:
+        return t
+    dtype = t.dtype
+    x = t.to(accelerator.device)
+    if x.dtype == torch.bool:
+        x = x.to(torch.uint8)  # not every backend gathers bools
+    if x.dim() > 1:
+        x = accelerator.pad_across_processes(x, dim=1, pad_index=pad_value, pad_first=pad_first)
+    return accelerator.gather(x).cpu().to(dtype)
+
+
+def gather_rollout(accelerator: Any, batch: RolloutBatch, pad_id: int, per_token: Sequence[torch.Tensor | None],
+                   per_position: Sequence[torch.Tensor | None],
+                   per_row: Sequence[torch.Tensor]) -> tuple[RolloutBatch, list, list, list]:
+    """The global rollout from each process's shard: the batch laid out as one process would have it.
+
+    ``per_token`` are ``[b, R]`` (right-padded with 0), ``per_position`` ``[b, P + R, ...]`` (the
+    prompt part left-padded, the response part right-padded, with 0), ``per_row`` ``[b]``. After
+    this every process holds the same tensors, so shaping, whitening, the KL controller and the
+    metrics are computed on the global batch, identically everywhere.
+    """
+    if accelerator.num_processes == 1:
+        return batch, list(per_token), list(per_position), list(per_row)
+    p = batch.query_ids.shape[1]
+    new = RolloutBatch(gather_rows(accelerator, batch.query_ids, pad_id, pad_first=True),
+                       gather_rows(accelerator, batch.query_mask, 0, pad_first=True),
+                       gather_rows(accelerator, batch.response_ids, pad_id),
+                       gather_rows(accelerator, batch.response_mask, 0),
+                       gather_rows(accelerator, batch.ended))
+    tokens = [None if t is None else gather_rows(accelerator, t) for t in per_token]
+    positions = [None if t is None else torch.cat([gather_rows(accelerator, t[:, :p], pad_first=True),
+                                                   gather_rows(accelerator, t[:, p:])], dim=1)
+                 for t in per_position]
+    rows = [gather_rows(accelerator, t) for t in per_row]
+    return new, tokens, positions, rows
 
 
 def make_score_fn(cfg: Any, tokenizer: Any, device: str) -> tuple[ScoreFn, nn.Module | None]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
@@ -57,3 +59,33 @@ def make_trainable(policy: nn.Module, value: nn.Module, lora_r: int, lora_alpha:
             layer.requires_grad_(True)
         value.backbone.norm.requires_grad_(True)
     return policy
+
+
+def enable_block_checkpointing(model: nn.Module) -> list[nn.Module]:
+    """Recompute each transformer block's activations in the backward pass; returns the blocks.
+
+    Non-reentrant, so it works when no input requires grad (frozen embeddings, LoRA). A ``peft``
+    model is switched on through its base model. transformers runs the recomputation only in
+    training mode, which LM PPO never enters (no dropout: the first ratio must be 1), so the
+    update arms the returned blocks with :func:`checkpointing_armed`.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from palate.lm.models import enable_checkpointing
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    enable_checkpointing(base)
+    return [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+
+
+@contextlib.contextmanager
+def checkpointing_armed(blocks: list[nn.Module]) -> Iterator[None]:
+    """Set only the blocks' own ``training`` flag, which is what transformers' checkpointing
+    tests; their attention and MLP stay in eval mode, so no dropout is switched on."""
+    for block in blocks:
+        block.training = True
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.training = False

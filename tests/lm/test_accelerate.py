@@ -1,5 +1,7 @@
 """Two processes through ``accelerate launch`` (gloo, CPU) give the one-process losses on the same global batch.
 
+SFT, the reward model and DPO (LM PPO: test_accelerate_ppo.py).
+
 This checks the two conventions of :mod:`palate.lm.training`: ``batch_size`` is the global batch
 (each process gets a slice) and losses are global sums over global counts, so the gradient DDP
 averages equals the one-process gradient. Step 2's loss is only equal if step 1's update was.
@@ -21,6 +23,7 @@ WORKER = textwrap.dedent("""
     import sys
     from palate.lm.reward import RMConfig, train_reward_model
     from palate.lm.sft import SFTConfig, train_sft
+    from palate.lm.dpo import DPOConfig, train_dpo
 
     tmp, runs = sys.argv[1], sys.argv[2]
     common = dict(max_steps=2, batch_size=4, lr=5e-3, warmup_ratio=0.0, runs_dir=runs, tensorboard=False, seed=3)
@@ -28,6 +31,8 @@ WORKER = textwrap.dedent("""
                         eval_every=100, **common))
     train_reward_model(RMConfig(model=f"{tmp}/tiny", train_data=f"{tmp}/cmp.jsonl", val_fraction=0.25,
                                 eval_every=100, **common))
+    train_dpo(DPOConfig(model=f"{tmp}/tiny", train_data=f"{tmp}/cmp.jsonl", val_fraction=0.25, eval_every=100,
+                        beta=0.5, **common))
 """)
 
 
@@ -80,11 +85,13 @@ def test_two_gloo_processes_match_one_process(workdir: Path) -> None:
     for n, runs in outputs.items():
         assert json.loads((runs / "rm" / "summary.json").read_text())["num_processes"] == n
     for run, key, count in (("sft", "sft/loss", 2), ("rm", "rm/loss", 2), ("rm", "rm/accuracy", 2),
-                            ("rm", "rm/val_loss", 1), ("rm", "rm/val_accuracy", 1)):
+                            ("rm", "rm/val_loss", 1), ("rm", "rm/val_accuracy", 1), ("dpo", "dpo/loss", 2),
+                            ("dpo", "dpo/val_loss", 2)):
         one, two = _losses(outputs[1] / run, key), _losses(outputs[2] / run, key)
         assert len(one) == len(two) == count, (key, one, two)
         assert one == pytest.approx(two, rel=1e-4, abs=1e-5), (key, one, two)
-    assert _losses(outputs[1] / "sft", "sft/loss")[1] != _losses(outputs[1] / "sft", "sft/loss")[0]
+    for run, key in (("sft", "sft/loss"), ("dpo", "dpo/loss")):  # step 2 follows a real update
+        assert _losses(outputs[1] / run, key)[1] != _losses(outputs[1] / run, key)[0], key
 
 
 def test_a_second_accelerator_may_change_mixed_precision() -> None:
