@@ -19,7 +19,7 @@ reward model (InstructGPT, appendix C.3), so its first predictions are already c
 Under ``accelerate launch --num_processes N`` (DDP) each process samples and scores a slice of
 the global batch, the slices are gathered so steps 3 and 5 see the whole batch, and each process
 takes a slice of every minibatch in step 4: the run makes the one-process updates
-(docs/gpu-multiprocess.md).
+(docs/gpu.md).
 """
 
 from __future__ import annotations
