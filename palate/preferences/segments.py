@@ -308,13 +308,21 @@ class TrajectoryPool:
         trajs = self.trajectories()
         if not trajs:
             raise PreferenceError("the trajectory pool is empty; collect a rollout before asking for transitions")
-        obs = np.concatenate([t.obs for t in trajs])
-        actions = np.concatenate([t.actions for t in trajs])
-        rewards = np.concatenate([t.true_rewards for t in trajs])
-        if len(obs) > max_steps:
+        lengths = np.array([len(t) for t in trajs])
+        total = int(lengths.sum())
+        if total > max_steps:
             rng = rng or np.random.default_rng(0)
-            idx = np.sort(rng.choice(len(obs), size=max_steps, replace=False))
-            obs, actions, rewards = obs[idx], actions[idx], rewards[idx]
+            idx = np.sort(rng.choice(total, size=max_steps, replace=False))
+        else:
+            idx = np.arange(total)
+        # Gather the chosen rows trajectory by trajectory: concatenating the whole pool first
+        # would copy all of it (a 25k-step Atari pool is 700 MB of frames).
+        offsets = np.cumsum(lengths) - lengths
+        which = np.searchsorted(offsets, idx, side="right") - 1
+        picks = [(trajs[k], idx[which == k] - offsets[k]) for k in np.unique(which)]
+        obs = np.concatenate([t.obs[rows] for t, rows in picks])
+        actions = np.concatenate([t.actions[rows] for t, rows in picks])
+        rewards = np.concatenate([t.true_rewards[rows] for t, rows in picks])
         return obs, actions, rewards
 
     def sample_segments(self, n: int, length: int, rng: np.random.Generator) -> list[Segment]:

@@ -71,6 +71,8 @@ class PreferenceTrainer(TrainerCheckpoint):
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.runs_dir) / cfg.name
         self.env_factory = make_env_factory(cfg)
+        # Atari: episodes are not games (continuous games, or lives), so game scores come from the env.
+        self.atari = bool(getattr(self.env_factory, "atari", False))
         probe = self.env_factory()
         try:
             self.observation_space, self.action_space = probe.observation_space, probe.action_space
@@ -91,6 +93,7 @@ class PreferenceTrainer(TrainerCheckpoint):
         self._vec_env: Any = None
         self.random_steps = 0
         self._resume_state: dict[str, Any] | None = None  # set by resume(): train() continues it
+        self._random_games: tuple[list[float], list[int]] = ([], [])  # Atari: games of the warm-up
 
     # ------------------------------------------------------------------ parts
     def _build_labeller(self) -> Any:
@@ -165,9 +168,17 @@ class PreferenceTrainer(TrainerCheckpoint):
                                              np.asarray(buf["rewards"]), finished=True)
                     buf = {"obs": [], "actions": [], "rewards": []}
                     obs, _ = env.reset()
+                elif len(buf["obs"]) >= self.pool.max_open_steps:
+                    # An episode longer than the pool keeps (continuous Atari games): hand it over
+                    # in pieces, so the warm-up never holds more than the pool would.
+                    self.pool.add_trajectory(np.asarray(buf["obs"]), np.asarray(buf["actions"]),
+                                             np.asarray(buf["rewards"]), finished=False)
+                    buf = {"obs": [], "actions": [], "rewards": []}
             if buf["obs"]:
                 self.pool.add_trajectory(np.asarray(buf["obs"]), np.asarray(buf["actions"]),
                                          np.asarray(buf["rewards"]), finished=False)
+            if self.atari:
+                self._random_games = env.get_wrapper_attr("pop_game_scores")()
         finally:
             env.close()
         self.random_steps += n_steps
@@ -277,6 +288,8 @@ class PreferenceTrainer(TrainerCheckpoint):
                 n_random = cfg.random_steps or 4 * cfg.segment_length * max(n0, 1)
                 self.collect_random(n_random)
                 random_returns, _ = self.pool.drain_episode_stats()
+                if self.atari:
+                    random_returns = self._random_games[0]
                 if self.asked < n0:
                     # No reward model yet, so nothing to disagree about: random pairs.
                     self.ask(channel, n0 - self.asked, RandomSelector())
@@ -317,6 +330,8 @@ class PreferenceTrainer(TrainerCheckpoint):
                 self.absorb(channel.answers())
                 metrics = self.fit(cfg.rm_epochs)
                 returns, lengths = self.pool.drain_episode_stats()
+                if self.atari:
+                    returns, lengths = self._game_scores(vec_env)
                 if returns:
                     metrics["charts/episodic_return"] = float(np.mean(returns))
                     metrics["charts/episodic_length"] = float(np.mean(lengths))
@@ -348,6 +363,16 @@ class PreferenceTrainer(TrainerCheckpoint):
         log.info("prefs %s: %d policy steps, %d labels, eval true return %s", cfg.env, summary["policy_steps"],
                  summary["labels_used"], summary["eval_true_return_mean"])
         return summary
+
+    @staticmethod
+    def _game_scores(vec_env: Any) -> tuple[list[float], list[int]]:
+        """Unclipped scores and lengths of the Atari games finished in ``vec_env`` since the last call."""
+        returns: list[float] = []
+        lengths: list[int] = []
+        for scores, steps in vec_env.call("pop_game_scores"):
+            returns.extend(scores)
+            lengths.extend(steps)
+        return returns, lengths
 
     def _log(self, logger: Any, step: int, metrics: dict[str, Any], channel: Any) -> None:
         metrics.update({

@@ -22,6 +22,13 @@ wrappers, so it plays and scores whole games.
 
 Gymnasium has no EpisodicLife or FireReset wrapper (its AtariPreprocessing's
 ``terminal_on_life_loss`` resets the whole game at a lost life), hence the two small ones here.
+
+Preference runs (:mod:`palate.preferences`) build the training stack with two changes
+(:func:`wrap_atari`'s ``clip_reward`` and ``continuous``): the reward is left unclipped, since the
+agent optimises r_hat and only the synthetic oracle reads the game's reward; and, as in
+Christiano et al. 2017, neither a lost life nor the end of a game is shown to the agent:
+:class:`ContinuousGames` starts the next game at once and reports no termination, so one
+episode runs until the time limit and no episode end can tell the agent anything about the reward.
 """
 
 from __future__ import annotations
@@ -128,8 +135,52 @@ class FireReset(gym.Wrapper):
         return obs, info
 
 
-def wrap_atari(env: gym.Env, training: bool = True) -> gym.Env:
-    """The preprocessing of the module docstring around an ALE env made with ``frameskip=1``."""
+class ContinuousGames(gym.Wrapper):
+    """Keep the scores of finished games; with ``continuous``, start the next game without an episode end.
+
+    Outermost (around the frame stack), so a new game starts with a fresh stack. The game scores
+    come from ``RecordEpisodeStatistics`` inside (unclipped, whole games); a vector env's infos
+    keep them only on the steps that end an episode, which a continuous run never has, so they
+    are collected here and read with :meth:`pop_game_scores` (``VectorEnv.call`` works for sync
+    and subprocess vector envs alike).
+
+    Args:
+        continuous: a game that ends (terminated) is reset here and reported as not terminated.
+            Truncation (the emulator's frame limit) still ends the episode.
+    """
+
+    def __init__(self, env: gym.Env, continuous: bool = True) -> None:
+        super().__init__(env)
+        self.continuous = continuous
+        self.game_scores: list[float] = []
+        self.game_lengths: list[int] = []
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        episode = info.get("episode")
+        if episode is not None:
+            self.game_scores.append(float(np.asarray(episode["r"]).reshape(-1)[0]))
+            self.game_lengths.append(int(np.asarray(episode["l"]).reshape(-1)[0]))
+        if self.continuous and terminated and not truncated:
+            obs, reset_info = self.env.reset()
+            info = {**info, **reset_info}
+            terminated = False
+        return obs, reward, terminated, truncated, info
+
+    def pop_game_scores(self) -> tuple[list[float], list[int]]:
+        """Scores and lengths (agent steps) of the games finished since the last call."""
+        scores, lengths = self.game_scores, self.game_lengths
+        self.game_scores, self.game_lengths = [], []
+        return scores, lengths
+
+
+def wrap_atari(env: gym.Env, training: bool = True, *, clip_reward: bool = True, episodic_life: bool = True,
+               continuous: bool | None = None) -> gym.Env:
+    """The preprocessing of the module docstring around an ALE env made with ``frameskip=1``.
+
+    ``clip_reward`` and ``episodic_life`` apply to the training stack only. ``continuous`` (None:
+    no wrapper) adds :class:`ContinuousGames` outermost, with its ``continuous`` set to it.
+    """
     if not hasattr(env.unwrapped, "ale"):
         raise EnvError(f"atari preprocessing needs an ALE environment (ale-py), got {env.unwrapped}; "
                        "set atari: false in the config for other environments")
@@ -138,17 +189,26 @@ def wrap_atari(env: gym.Env, training: bool = True) -> gym.Env:
     env = gym.wrappers.RecordEpisodeStatistics(env)
     fire = "FIRE" in env.unwrapped.get_action_meanings()
     if training:
-        env = EpisodicLife(env)
+        if episodic_life:
+            env = EpisodicLife(env)
         if fire:
-            env = FireReset(env)
-        env = gym.wrappers.TransformReward(env, lambda r: float(np.sign(r)))
+            env = FireReset(env, on_life_loss=not episodic_life)
+        if clip_reward:
+            env = gym.wrappers.TransformReward(env, _reward_sign)
     elif fire:
         env = FireReset(env, on_life_loss=True)
-    return gym.wrappers.FrameStackObservation(env, FRAME_STACK)
+    env = gym.wrappers.FrameStackObservation(env, FRAME_STACK)
+    return env if continuous is None else ContinuousGames(env, continuous)
 
 
-def make_atari_env(env_id: str, render_mode: str | None = None, training: bool = True) -> gym.Env:
-    """``gym.make(env_id, frameskip=1)`` wrapped by :func:`wrap_atari`."""
+def _reward_sign(reward: float) -> float:
+    """The clipped training reward; a module function, unlike a lambda, pickles with the env."""
+    return float(np.sign(reward))
+
+
+def make_atari_env(env_id: str, render_mode: str | None = None, training: bool = True,
+                   **options: Any) -> gym.Env:
+    """``gym.make(env_id, frameskip=1)`` wrapped by :func:`wrap_atari` (``options``: its keywords)."""
     if not register_ale():
         raise EnvError(f"environment '{env_id}' needs ale-py; {ATARI_INSTALL_HINT}")
     kwargs: dict[str, Any] = {"frameskip": 1}
@@ -158,4 +218,4 @@ def make_atari_env(env_id: str, render_mode: str | None = None, training: bool =
         env = gym.make(env_id, **kwargs)
     except gym.error.Error as err:
         raise EnvError(f"cannot build environment '{env_id}': {err}") from err
-    return wrap_atari(env, training)
+    return wrap_atari(env, training, **options)
