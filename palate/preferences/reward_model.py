@@ -46,6 +46,8 @@ from palate.preferences.segments import Segment, SegmentPair
 VAL_FRACTION = 1.0 / math.e
 #: Images per CNN forward outside training (bounds the activations' memory).
 IMAGE_CHUNK = 1024
+#: The smallest image side the Atari predictor's convolutions take (43 -> 13 -> 5 -> 3 -> 1).
+CNN_MIN_SIDE = 43
 #: Clip pairs per minibatch when a CNN ensemble is evaluated on many pairs.
 PAIR_CHUNK = 64
 
@@ -116,9 +118,9 @@ class _CnnMember(nn.Module):
             self.layout, (channels, h, w) = "chw", obs_shape
         else:
             self.layout, (h, w, channels) = "hwc", obs_shape
-        if min(h, w) < 29:
+        if min(h, w) < CNN_MIN_SIDE:
             raise PreferenceError(
-                f"the reward model's CNN needs images of at least 29x29 pixels, got {h}x{w}; resize the "
+                f"the reward model's CNN needs images of at least {CNN_MIN_SIDE}x{CNN_MIN_SIDE} pixels, got {h}x{w}; resize the "
                 "observations (gymnasium.wrappers.ResizeObservation) or flatten them into a vector")
         layers: list[nn.Module] = []
         last = channels

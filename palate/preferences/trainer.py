@@ -82,7 +82,10 @@ class PreferenceTrainer(TrainerCheckpoint):
         if not isinstance(self.observation_space, gym.spaces.Box):
             raise PreferenceError(f"{cfg.env}: preference learning needs Box observations, got {self.observation_space}")
         self.rng = np.random.default_rng(cfg.seed)
-        self.pool = TrajectoryPool(max_steps=cfg.pool_steps)
+        # Continuous Atari games never end: each env slot's running game goes to the pool in pieces
+        # of pool_steps / (4 n_envs), so the pool holds at most 1.25 x pool_steps steps.
+        open_steps = max(cfg.segment_length, cfg.pool_steps // (4 * policy_config(cfg).n_envs)) if self.atari else None
+        self.pool = TrajectoryPool(max_steps=cfg.pool_steps, max_open_steps=open_steps)
         self.model = reward_model(cfg, self.observation_space, self.action_space)
         self.dataset = PreferenceDataset()
         self.selector = selector if selector is not None else make_selector(cfg.selector, cfg.oversample)
@@ -191,8 +194,10 @@ class PreferenceTrainer(TrainerCheckpoint):
         if n <= 0:
             return 0
         scorer = self.model if self.model.n_fits > 0 else None
-        pairs = selector.select(lambda k: self.pool.sample_pairs(k, self.cfg.segment_length, self.rng), n, scorer)
-        sent = channel.offer([Query.new(p) for p in pairs])
+        # Candidates are views into the pool; only the pairs kept get arrays of their own.
+        pairs = selector.select(lambda k: self.pool.sample_pairs(k, self.cfg.segment_length, self.rng, copy=False),
+                                n, scorer)
+        sent = channel.offer([Query.new(p.copy()) for p in pairs])
         self.asked += sent
         return sent
 
