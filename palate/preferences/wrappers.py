@@ -115,4 +115,7 @@ def atari_env_factory(cfg: PreferenceConfig) -> Callable[[], Any]:
     factory.__name__ = cfg.env
     factory.env_kwargs = {}  # type: ignore[attr-defined]
     factory.atari = True  # type: ignore[attr-defined]
+    # The same stack in envpool's C++ pool, for rl: {vec_env: envpool} (palate.rl.atari.EnvpoolAtari).
+    factory.envpool_options = {"env_id": cfg.env, "clip_reward": False,  # type: ignore[attr-defined]
+                               "episodic_life": not continuous, "continuous": continuous}
     return factory
