@@ -370,7 +370,7 @@ class RewardEnsemble:
         """``[M, B]`` each member's P[left > right] (without the error model)."""
         r1 = self.member_segment_returns([p.left for p in pairs])
         r2 = self.member_segment_returns([p.right for p in pairs])
-        return 1.0 / (1.0 + np.exp(-(r1 - r2)))
+        return 1.0 / (1.0 + np.exp(-np.clip(r1 - r2, -60.0, 60.0)))  # clipped: no overflow, same value
 
     def disagreement(self, pairs: Sequence[SegmentPair]) -> np.ndarray:
         """``[B]`` variance over members of P[left > right]: the query-selection score."""

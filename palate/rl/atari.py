@@ -349,4 +349,6 @@ class EnvpoolAtari(gym.vector.VectorEnv):
         raise AttributeError(f"EnvpoolAtari has no per-env method '{name}'")
 
     def close_extras(self, **kwargs: Any) -> None:
-        self._pool.close()
+        pool = getattr(self, "_pool", None)  # absent when the constructor failed
+        if pool is not None:
+            pool.close()
