@@ -171,6 +171,7 @@ def test_atari_clip_renders_to_a_gif_the_feedback_service_accepts():
 
     env = make_env_factory(PreferenceConfig(env=PONG))()
     obs, _ = env.reset(seed=0)
+    env.action_space.seed(0)
     frames = [obs]
     for _ in range(24):
         obs, *_ = env.step(env.action_space.sample())
@@ -182,7 +183,8 @@ def test_atari_clip_renders_to_a_gif_the_feedback_service_accepts():
     data = renderer(segment)
     assert sniff_media(data) == "gif"
     gif = Image.open(io.BytesIO(data))
-    assert gif.n_frames == 25 and gif.size == (160, 160)
+    assert len(renderer.frames(segment)) == 25 and gif.size == (160, 160)
+    # (The GIF may hold fewer frames: Pillow merges identical neighbours and adds up their time.)
     played = 0
     for k in range(gif.n_frames):
         gif.seek(k)
