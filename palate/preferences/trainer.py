@@ -83,7 +83,7 @@ class PreferenceTrainer(TrainerCheckpoint):
             raise PreferenceError(f"{cfg.env}: preference learning needs Box observations, got {self.observation_space}")
         self.rng = np.random.default_rng(cfg.seed)
         # Continuous Atari games never end: each env slot's running game goes to the pool in pieces
-        # of pool_steps / (4 n_envs), so the pool holds at most 1.25 x pool_steps steps.
+        # of pool_steps / (4 n_envs), so the pool holds about 1.25 x pool_steps steps (plus one rollout per slot).
         open_steps = max(cfg.segment_length, cfg.pool_steps // (4 * policy_config(cfg).n_envs)) if self.atari else None
         self.pool = TrajectoryPool(max_steps=cfg.pool_steps, max_open_steps=open_steps)
         self.model = reward_model(cfg, self.observation_space, self.action_space)
