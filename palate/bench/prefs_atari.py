@@ -8,7 +8,8 @@ Two runs, one after the other in this process, from one preset (``configs/prefs/
   same annealing) on the standard training stack of ``palate rl train`` (clipped reward,
   episodic life), the ceiling the paper compares against.
 
-Both are scored the same way: the mean unclipped game score of the deterministic policy over
+The wall time is the whole run (for the preference run: warm-up, labelling, reward-model
+fits and query selection included). Both are scored the same way: the mean unclipped game score of the deterministic policy over
 ``eval_episodes`` whole games on the evaluation stack (no episodic life, no clipping), seeds
 ``seed + 10000 + i``. The ratio prefs / true reward is what issue's target reads ("at least
 80% of the true-reward PPO's score at the same number of steps"); on Pong, whose scores run from
@@ -127,7 +128,7 @@ def markdown(results: dict[str, Any]) -> str:
     kind = "SMOKE TEST (too few steps for a result; speed only)" if results["smoke"] else "result"
     lines = [f"{results['env']}, {results['steps']} agent steps, seed {results['seed']}, label budget "
              f"{results['labels']}, {results['torch_threads']} torch thread(s), {results['date']}: {kind}", "",
-             "| method | steps | labels used | eval score (games) | last training score | wall s | steps/s |",
+             "| method | steps | labels used | eval score (games) | last training score | wall s | steps / wall s |",
              "|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         lines.append(f"| {row['method']} | {row['steps']} | {row['labels_used']} | {_fmt(row['eval_score'])} "
