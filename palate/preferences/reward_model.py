@@ -285,12 +285,10 @@ class RewardEnsemble:
     @torch.no_grad()
     def member_rewards(self, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
         """``[M, N]`` raw (unnormalised) r_hat_m(o, a) of every member, dropout off."""
-        if self.image:
-            n = len(np.asarray(actions).reshape(len(obs), -1))
-            return np.concatenate([self._member_rewards(obs[s:s + IMAGE_CHUNK], actions[s:s + IMAGE_CHUNK])
-                                   for s in range(0, n, IMAGE_CHUNK)], axis=1) if n else np.zeros((self.n_members, 0),
-                                                                                                    np.float32)
-        return self._member_rewards(obs, actions)
+        if not self.image or len(obs) <= IMAGE_CHUNK:
+            return self._member_rewards(obs, actions)
+        return np.concatenate([self._member_rewards(obs[s:s + IMAGE_CHUNK], actions[s:s + IMAGE_CHUNK])
+                               for s in range(0, len(obs), IMAGE_CHUNK)], axis=1)
 
     def _member_rewards(self, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
         inputs = self._inputs(obs, actions)
