@@ -19,11 +19,11 @@ from palate.errors import ConfigError, PreferenceError
 class PreferenceConfig:
     """Deep RL from human preferences: the reward is learned from segment comparisons."""
 
-    env: str = doc_field("Hopper-v5", "gymnasium environment id")
+    env: str = doc_field("Hopper-v5", "gymnasium environment id (ALE ids such as PongNoFrameskip-v4: from pixels)")
     algo: Literal["ppo", "trpo"] = doc_field("ppo", "policy optimiser for the learned reward")
     labels: int = doc_field(700, "label budget: comparisons asked over the whole run")
     steps: int = doc_field(1_000_000, "policy environment steps (the random-policy warm-up is extra)")
-    segment_length: int = doc_field(25, "k, steps per clip (25 MuJoCo steps is about 1.5 s of play)")
+    segment_length: int = doc_field(25, "k, steps per clip (25 MuJoCo steps is about 1.5 s of play, 25 Atari steps 1.7 s)")
     ensemble_size: int = doc_field(3, "reward predictors in the ensemble, each on a bootstrap sample")
     initial_label_fraction: float = doc_field(0.25, "share of the budget labelled on random-policy clips first")
     label_schedule_t0: float = doc_field(2e6, "T0 of the labelling rate 1/(1 + T/T0) (paper: 2e6 on MuJoCo)")
@@ -39,7 +39,8 @@ class PreferenceConfig:
     chunk_steps: int = doc_field(10_000, "policy steps between labelling/fitting rounds (whole rollouts)")
     pool_steps: int = doc_field(100_000, "recent steps kept in the trajectory pool that clips are cut from")
     fixed_length_episodes: bool = doc_field(
-        True, "switch off early termination where the env allows it, so episode ends leak no reward")
+        True, "switch off early termination where the env allows it, so episode ends leak no reward "
+        "(Atari: no lost life or game over ends an episode; the next game starts at once)")
     fall_penalty: float = doc_field(
         10.0, "fixed-length MuJoCo episodes: reward subtracted per step spent fallen (replaces termination)")
     reward_offset: float = doc_field(
@@ -54,6 +55,7 @@ class PreferenceConfig:
     rm_epochs: int = doc_field(5, "reward-model epochs per round")
     rm_initial_epochs: int = doc_field(50, "reward-model epochs after the random-policy labels")
     rm_stats_steps: int = doc_field(10_000, "recent states used to normalise r_hat and measure its correlation")
+    rm_device: str = doc_field("cpu", "where the reward model trains: cpu, cuda or auto (cuda when available)")
     rl: dict[str, Any] = doc_field({}, "PPO/TRPO config fields (YAML mapping), e.g. {n_envs: 4, n_steps: 512}")
     labels_from: str | None = doc_field(None, "reuse the labels of an earlier run (run dir or labels.jsonl)")
     max_pending: int = doc_field(64, "async labelling: most clip pairs waiting for a human; more are dropped")
@@ -136,4 +138,5 @@ def reward_model(cfg: PreferenceConfig, observation_space: Any, action_space: An
         observation_space, action_space, n_members=cfg.ensemble_size,
         hidden_sizes=cfg.rm_hidden_sizes, dropout=cfg.rm_dropout, lr=cfg.rm_lr,
         batch_size=cfg.rm_batch_size, l2_coef=cfg.rm_l2_coef, error_rate=cfg.error_rate, seed=cfg.seed,
+        device=cfg.rm_device,
     )

@@ -6,6 +6,9 @@ state from its observation:
 * MuJoCo locomotion tasks observe ``qpos[1:]`` and ``qvel`` (the forward position is left out);
   the position is recovered by integrating the forward velocity, so the clip shows the robot
   moving, and the tracking camera follows it.
+* Observations that are images (Atari's stacks of four 84 x 84 grey frames) are the frames: each
+  step shows the newest frame of its stack, scaled up, at the game's own speed (60 Hz with a
+  frame skip of 4 is 15 steps a second, so a 25-step clip plays for 1.7 s).
 * Pendulum is drawn directly from (cos theta, sin theta) with Pillow (gymnasium's own renderer
   needs pygame, which palate does not install).
 * Anything else is drawn as a bar chart of the observation vector: crude, but a person can still
@@ -27,6 +30,9 @@ from palate.errors import PreferenceError
 from palate.preferences.segments import Segment
 
 Frame = np.ndarray  # [H, W, 3] uint8
+
+#: Agent steps per second of an Atari game: 60 emulator frames a second, 4 per step.
+ATARI_STEPS_PER_SECOND = 15.0
 
 #: Leading qpos entries MuJoCo tasks leave out of the observation (x, or x and y).
 _EXCLUDED_POSITIONS = {"Ant": 2, "Humanoid": 2, "HumanoidStandup": 2, "Swimmer": 2}
@@ -62,6 +68,32 @@ def draw_pendulum(obs: np.ndarray, size: int = 160) -> Frame:
     return np.asarray(img)
 
 
+def image_frame(obs: np.ndarray, size: int = 168) -> Frame:
+    """One frame from an image observation: the newest frame of a stack, as RGB, scaled to ``size`` pixels high.
+
+    ``C x H x W`` stacks (the channels-first layout of Atari's frame stack) show their last
+    channel; ``H x W x 3`` is taken as colour; other ``H x W x C`` show their last channel.
+    """
+    from PIL import Image
+
+    obs = np.asarray(obs)
+    if obs.ndim == 2:
+        grey = obs
+    elif obs.ndim == 3 and int(np.argmin(obs.shape)) == 0:
+        grey = obs[-1]
+    elif obs.ndim == 3 and obs.shape[-1] == 3:
+        grey = None
+    elif obs.ndim == 3:
+        grey = obs[..., -1]
+    else:
+        raise PreferenceError(f"cannot draw an observation of shape {obs.shape} as an image; "
+                              "pass your own renderer to HumanLabeller")
+    rgb = np.repeat(grey[..., None], 3, axis=-1) if grey is not None else obs
+    img = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))
+    scale = size / img.height
+    return np.asarray(img.resize((max(1, int(round(img.width * scale))), size), Image.Resampling.NEAREST))
+
+
 def draw_bars(obs: np.ndarray, low: float = -3.0, high: float = 3.0, size: int = 160) -> Frame:
     """Fallback frame: the observation vector as a bar chart."""
     from PIL import Image, ImageDraw
@@ -88,6 +120,7 @@ class SegmentRenderer:
         size: frame width and height in pixels.
         clip_seconds: how long each clip plays. The paper shows clips of 1-2 s; 25 Hopper steps
             are 0.2 s of simulated time, far too quick to judge, so playback is slowed to fit.
+            Atari clips ignore it and play at the game's speed (:data:`ATARI_STEPS_PER_SECOND`).
     """
 
     def __init__(self, env_id: str, env_factory: Callable[[], Any] | None = None, size: int = 160,
@@ -98,7 +131,15 @@ class SegmentRenderer:
         self._env: Any = None
         self._kwargs = dict(getattr(env_factory, "env_kwargs", {}) or {})
         family = env_id.split("-")[0]
-        self.kind = "pendulum" if family == "Pendulum" else "mujoco" if self._is_mujoco() else "bars"
+        if getattr(env_factory, "atari", False) or self._is_ale():
+            self.kind = "atari"
+        else:
+            self.kind = "pendulum" if family == "Pendulum" else "mujoco" if self._is_mujoco() else "bars"
+
+    def _is_ale(self) -> bool:
+        from palate.rl.atari import is_ale_id
+
+        return ":" not in self.env_id and is_ale_id(self.env_id)
 
     def _is_mujoco(self) -> bool:
         import gymnasium as gym
@@ -118,6 +159,8 @@ class SegmentRenderer:
 
     def frames(self, segment: Segment) -> list[Frame]:
         """One frame per step of ``segment``."""
+        if self.kind == "atari" or _is_image(segment.obs):
+            return [image_frame(o, self.size) for o in segment.obs]
         if self.kind == "pendulum":
             return [draw_pendulum(o, self.size) for o in segment.obs]
         if self.kind == "bars":
@@ -149,10 +192,16 @@ class SegmentRenderer:
         return out
 
     def __call__(self, segment: Segment) -> bytes:
-        return encode_gif(self.frames(segment), fps=len(segment) / self.clip_seconds)
+        fps = ATARI_STEPS_PER_SECOND if self.kind == "atari" else len(segment) / self.clip_seconds
+        return encode_gif(self.frames(segment), fps=fps)
 
     def close(self) -> None:
         if self._env is not None:
             self._env.close()
             self._env = None
 
+
+
+def _is_image(obs: np.ndarray) -> bool:
+    """Segment observations that are pictures: uint8 ``[L, H, W]``, ``[L, C, H, W]`` or ``[L, H, W, C]``."""
+    return obs.dtype == np.uint8 and obs.ndim in (3, 4)

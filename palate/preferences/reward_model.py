@@ -13,6 +13,13 @@ Each detail below is Christiano et al. 2017, section 2.2.3, and acts where it is
 * **Adaptive L2.** After each fit, the L2 coefficient of each member grows when its validation
   loss exceeds 1.5x its training loss and shrinks when it falls below 1.1x.
 * **Dropout** in the hidden layers.
+* **Pixels.** On image observations (Atari's 4 x 84 x 84 uint8 frame stacks) each member is the
+  paper's Atari predictor: four convolutions (7x7 stride 3, 5x5 stride 2, 3x3, 3x3; 16 filters
+  each, leaky ReLU, dropout), the action one-hot beside the flattened features, then the same
+  fully connected layers as the MLP. The paper also puts batch norm on the convolutions; palate
+  leaves it out, so a member's output does not depend on the other clips in its batch. Frames
+  stay uint8 until a minibatch is built (a float copy of 5,500 labelled clip pairs would take
+  31 GB), and every pass over many clips runs in chunks.
 * **Normalised output.** Each member's output is normalised to zero mean and unit std over the
   states the policy visits now, the members are averaged, and the average is normalised again:
   the policy sees a reward of a fixed scale whatever the ensemble's drift, which keeps PPO/TRPO
@@ -37,6 +44,12 @@ from palate.preferences.segments import Segment, SegmentPair
 
 #: Validation share of each member (the paper's 1/e).
 VAL_FRACTION = 1.0 / math.e
+#: Images per CNN forward outside training (bounds the activations' memory).
+IMAGE_CHUNK = 1024
+#: The smallest image side the Atari predictor's convolutions take (43 -> 13 -> 5 -> 3 -> 1).
+CNN_MIN_SIDE = 43
+#: Clip pairs per minibatch when a CNN ensemble is evaluated on many pairs.
+PAIR_CHUNK = 64
 
 
 class Featurizer:
@@ -85,6 +98,49 @@ class Featurizer:
 
     def __call__(self, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
         return np.concatenate([self.obs_features(obs), self.act_features(actions)], axis=1)
+
+
+class _CnnMember(nn.Module):
+    """r_hat(o, a) on an image: the paper's Atari predictor (module docstring), action beside its features.
+
+    Args:
+        obs_shape: one observation, ``C x H x W``, ``H x W x C`` or ``H x W`` (uint8).
+        act_dim: width of the action features (one-hot for Discrete).
+        hidden: widths of the fully connected layers after the convolutions.
+        dropout: dropout after every convolution and hidden layer.
+    """
+
+    def __init__(self, obs_shape: tuple[int, ...], act_dim: int, hidden: Sequence[int], dropout: float) -> None:
+        super().__init__()
+        if len(obs_shape) == 2:
+            self.layout, channels, (h, w) = "hw", 1, obs_shape
+        elif int(np.argmin(obs_shape)) == 0:
+            self.layout, (channels, h, w) = "chw", obs_shape
+        else:
+            self.layout, (h, w, channels) = "hwc", obs_shape
+        if min(h, w) < CNN_MIN_SIDE:
+            raise PreferenceError(
+                f"the reward model's CNN needs images of at least {CNN_MIN_SIDE}x{CNN_MIN_SIDE} pixels, got {h}x{w}; resize the "
+                "observations (gymnasium.wrappers.ResizeObservation) or flatten them into a vector")
+        layers: list[nn.Module] = []
+        last = channels
+        for kernel, stride in ((7, 3), (5, 2), (3, 1), (3, 1)):
+            layers += [nn.Conv2d(last, 16, kernel, stride=stride), nn.LeakyReLU(0.01)]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            last = 16
+        self.conv = nn.Sequential(*layers, nn.Flatten())
+        with torch.no_grad():
+            flat = self.conv(torch.zeros(1, channels, h, w)).shape[1]
+        self.head = _mlp(flat + act_dim, hidden, dropout)
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        x = obs.float() / 255.0
+        if self.layout == "hw":
+            x = x.unsqueeze(1)
+        elif self.layout == "hwc":
+            x = x.permute(0, 3, 1, 2)
+        return self.head(torch.cat([self.conv(x), act], dim=-1))
 
 
 def _mlp(in_dim: int, hidden: Sequence[int], dropout: float) -> nn.Sequential:
@@ -144,7 +200,7 @@ class PreferenceDataset:
 
 
 class RewardEnsemble:
-    """An ensemble of MLP reward predictors r_hat_m(o, a), trained on segment comparisons.
+    """An ensemble of reward predictors r_hat_m(o, a) (MLPs, or CNNs on images), trained on segment comparisons.
 
     Args:
         observation_space, action_space: the environment's gymnasium spaces.
@@ -156,6 +212,8 @@ class RewardEnsemble:
         l2_coef: initial L2 coefficient, adapted per member after each fit.
         error_rate: epsilon of the error model in the loss.
         seed: seeds the validation splits, bootstrap samples, initialisation and dropout.
+        device: where the members train and predict (``cpu``, ``cuda``, ``auto``: cuda when
+            available); inputs and outputs stay NumPy on the CPU.
     """
 
     def __init__(
@@ -170,19 +228,29 @@ class RewardEnsemble:
         l2_coef: float = 1e-4,
         error_rate: float = 0.1,
         seed: int = 0,
+        device: str = "cpu",
     ) -> None:
+        from palate.rl.spaces import is_image_space
+
         if n_members < 1:
             raise PreferenceError(f"ensemble_size must be at least 1, got {n_members}")
         if not 0.0 <= error_rate < 1.0:
             raise PreferenceError(f"error_rate must lie in [0, 1), got {error_rate}")
         self.features = Featurizer(observation_space, action_space)
+        self.image = is_image_space(observation_space)
+        self.device = _device(device)
         self.n_members = n_members
         self.batch_size = batch_size
         self.error_rate = error_rate
         self.rng = np.random.default_rng(seed)
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
-        self.members = [_mlp(self.features.dim, hidden_sizes, dropout) for _ in range(n_members)]
+        if self.image:
+            self.members: list[nn.Module] = [
+                _CnnMember(self.features.obs_shape, self.features.act_dim, hidden_sizes, dropout).to(self.device)
+                for _ in range(n_members)]
+        else:
+            self.members = [_mlp(self.features.dim, hidden_sizes, dropout).to(self.device) for _ in range(n_members)]
         torch.random.set_rng_state(gen_state)
         self.optimizers = [torch.optim.Adam(m.parameters(), lr=lr) for m in self.members]
         self.l2_coefs = [float(l2_coef)] * n_members
@@ -196,19 +264,39 @@ class RewardEnsemble:
         self.n_fits = 0
 
     # ------------------------------------------------------------------ forward
-    def _inputs(self, obs: np.ndarray, actions: np.ndarray) -> torch.Tensor:
+    def _inputs(self, obs: np.ndarray, actions: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """What a member takes for rows of (o, a): ``(features,)``, or ``(uint8 images, action features)``."""
+        if self.image:
+            images = np.asarray(obs, dtype=np.uint8).reshape(-1, *self.features.obs_shape)
+            acts = self.features.act_features(actions)
+            return torch.from_numpy(images).to(self.device), torch.from_numpy(acts).to(self.device)
         x = (self.features(obs, actions) - self.in_mean) / self.in_std
-        return torch.from_numpy(x.astype(np.float32))
+        return (torch.from_numpy(x.astype(np.float32)).to(self.device),)
+
+    def _step_rewards(self, member: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """A member's r_hat per step: inputs ``[..., F]`` (or images ``[..., *obs_shape]``) -> ``[...]``."""
+        if not self.image:
+            return member(inputs[0]).squeeze(-1)
+        images, acts = inputs
+        lead = acts.shape[:-1]
+        out = member(images.reshape(-1, *images.shape[len(lead):]), acts.reshape(-1, acts.shape[-1]))
+        return out.reshape(lead)
 
     @torch.no_grad()
     def member_rewards(self, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
         """``[M, N]`` raw (unnormalised) r_hat_m(o, a) of every member, dropout off."""
-        x = self._inputs(obs, actions)
+        if not self.image or len(obs) <= IMAGE_CHUNK:
+            return self._member_rewards(obs, actions)
+        return np.concatenate([self._member_rewards(obs[s:s + IMAGE_CHUNK], actions[s:s + IMAGE_CHUNK])
+                               for s in range(0, len(obs), IMAGE_CHUNK)], axis=1)
+
+    def _member_rewards(self, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        inputs = self._inputs(obs, actions)
         outs = []
         for m in self.members:
             m.eval()
-            outs.append(m(x).squeeze(-1))
-        return torch.stack(outs).numpy()
+            outs.append(self._step_rewards(m, inputs))
+        return torch.stack(outs).cpu().numpy()
 
     def predict(self, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
         """The reward the policy optimises: normalised members, averaged, normalised again.
@@ -237,31 +325,50 @@ class RewardEnsemble:
         self.out_std = float(max(avg.std(), 1e-6))
 
     # ------------------------------------------------------------------ segments
-    def _batch(self, segments: Sequence[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pad segments to one length: ``x [B, L, F]`` normalised features and ``mask [B, L]``."""
-        lmax = max(len(s) for s in segments)
-        x = np.zeros((len(segments), lmax, self.features.dim), dtype=np.float32)
+    def _batch(self, segments: Sequence[Segment], length: int | None = None
+               ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """Pad segments to one length (``length``, default the longest): member inputs and ``mask [B, L]``.
+
+        The inputs are ``(x [B, L, F],)`` normalised features, or for images ``(uint8 frames
+        [B, L, *obs_shape], action features [B, L, A])``.
+        """
+        lmax = length or max(len(s) for s in segments)
         mask = np.zeros((len(segments), lmax), dtype=np.float32)
         for i, s in enumerate(segments):
-            x[i, : len(s)] = (self.features(s.obs, s.actions) - self.in_mean) / self.in_std
             mask[i, : len(s)] = 1.0
-        return torch.from_numpy(x), torch.from_numpy(mask)
+        if self.image:
+            frames = np.zeros((len(segments), lmax, *self.features.obs_shape), dtype=np.uint8)
+            acts = np.zeros((len(segments), lmax, self.features.act_dim), dtype=np.float32)
+            for i, s in enumerate(segments):
+                frames[i, : len(s)] = s.obs
+                acts[i, : len(s)] = self.features.act_features(s.actions)
+            inputs: tuple[torch.Tensor, ...] = (torch.from_numpy(frames), torch.from_numpy(acts))
+        else:
+            x = np.zeros((len(segments), lmax, self.features.dim), dtype=np.float32)
+            for i, s in enumerate(segments):
+                x[i, : len(s)] = (self.features(s.obs, s.actions) - self.in_mean) / self.in_std
+            inputs = (torch.from_numpy(x),)
+        return tuple(t.to(self.device) for t in inputs), torch.from_numpy(mask).to(self.device)
 
     @torch.no_grad()
     def member_segment_returns(self, segments: Sequence[Segment]) -> np.ndarray:
         """``[M, B]`` sum_t r_hat_m over each segment (raw scale: the scale the loss was fitted in)."""
-        x, mask = self._batch(segments)
-        out = []
-        for m in self.members:
-            m.eval()
-            out.append(segment_returns(m(x).squeeze(-1), mask))
-        return torch.stack(out).numpy()
+        chunk = PAIR_CHUNK if self.image else max(len(segments), 1)
+        parts = []
+        for start in range(0, len(segments), chunk):
+            inputs, mask = self._batch(segments[start:start + chunk])
+            out = []
+            for m in self.members:
+                m.eval()
+                out.append(segment_returns(self._step_rewards(m, inputs), mask))
+            parts.append(torch.stack(out).cpu().numpy())
+        return np.concatenate(parts, axis=1) if parts else np.zeros((self.n_members, 0), np.float32)
 
     def member_preferences(self, pairs: Sequence[SegmentPair]) -> np.ndarray:
         """``[M, B]`` each member's P[left > right] (without the error model)."""
         r1 = self.member_segment_returns([p.left for p in pairs])
         r2 = self.member_segment_returns([p.right for p in pairs])
-        return 1.0 / (1.0 + np.exp(-(r1 - r2)))
+        return 1.0 / (1.0 + np.exp(-np.clip(r1 - r2, -60.0, 60.0)))  # clipped: no overflow, same value
 
     def disagreement(self, pairs: Sequence[SegmentPair]) -> np.ndarray:
         """``[B]`` variance over members of P[left > right]: the query-selection score."""
@@ -287,6 +394,8 @@ class RewardEnsemble:
         return train, val
 
     def _update_input_stats(self, dataset: PreferenceDataset) -> None:
+        if self.image:
+            return  # pixels are scaled by 1/255 in the member; no per-pixel statistics
         obs = np.concatenate([np.concatenate([p.left.obs, p.right.obs]) for p in dataset.pairs])
         acts = np.concatenate([np.concatenate([p.left.actions, p.right.actions]) for p in dataset.pairs])
         feats = self.features(obs, acts)
@@ -295,24 +404,54 @@ class RewardEnsemble:
         self.in_mean[:d] = feats[:, :d].mean(axis=0)
         self.in_std[:d] = np.maximum(feats[:, :d].std(axis=0), 1e-3)
 
-    def _loss(self, member: nn.Module, x1: torch.Tensor, m1: torch.Tensor, x2: torch.Tensor,
-              m2: torch.Tensor, mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r1 = segment_returns(member(x1).squeeze(-1), m1)
-        r2 = segment_returns(member(x2).squeeze(-1), m2)
+    def _loss(self, member: nn.Module, batch: _PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        (in1, m1), (in2, m2), mu = batch
+        r1 = segment_returns(self._step_rewards(member, in1), m1)
+        r2 = segment_returns(self._step_rewards(member, in2), m2)
         return bradley_terry_loss(r1, r2, mu, self.error_rate), r1 - r2
 
     @torch.no_grad()
-    def _evaluate(self, member: nn.Module, tensors: tuple[torch.Tensor, ...], idx: np.ndarray
-                  ) -> tuple[float, float]:
+    def _evaluate(self, member: nn.Module, pairs: _PairSource, idx: np.ndarray) -> tuple[float, float]:
+        """Mean loss and accuracy of ``member`` on comparisons ``idx`` (images in chunks of :data:`PAIR_CHUNK`)."""
         member.eval()
-        x1, m1, x2, m2, mu = (t[idx] for t in tensors)
-        loss, diff = self._loss(member, x1, m1, x2, m2, mu)
-        decided = mu != 0.5
-        if decided.any():
-            acc = float(((diff > 0) == (mu > 0.5))[decided].float().mean())
-        else:
-            acc = float("nan")
-        return float(loss), acc
+        chunk = PAIR_CHUNK if self.image else max(len(idx), 1)
+        losses, sizes, correct = [], [], []
+        for start in range(0, len(idx), chunk):
+            part = idx[start:start + chunk]
+            batch = pairs(part)
+            loss, diff = self._loss(member, batch)
+            mu = batch[2]
+            losses.append(float(loss))
+            sizes.append(len(part))
+            decided = mu != 0.5
+            correct.append(((diff > 0) == (mu > 0.5))[decided].float())
+        hits = torch.cat(correct) if correct else torch.zeros(0)
+        acc = float(hits.mean()) if len(hits) else float("nan")
+        # One chunk (every MLP fit): its mean as it is, so the L2 adaptation sees the exact loss.
+        loss = losses[0] if len(losses) == 1 else float(np.average(losses, weights=sizes))
+        return loss, acc
+
+    def _pair_source(self, dataset: PreferenceDataset) -> _PairSource:
+        """``idx -> minibatch`` of comparisons: tensors built once for MLPs, per minibatch for images."""
+        mu_all = torch.tensor(dataset.mu, dtype=torch.float32).to(self.device)
+        if self.image:
+            # Frames stay uint8 in the segments; only a minibatch is ever padded and moved.
+            def build(idx: np.ndarray) -> _PairBatch:
+                lefts = [dataset.pairs[int(i)].left for i in idx]
+                rights = [dataset.pairs[int(i)].right for i in idx]
+                lmax = max(len(s) for s in lefts + rights)
+                return self._batch(lefts, lmax), self._batch(rights, lmax), mu_all[torch.from_numpy(np.asarray(idx))]
+            return build
+        (x1,), m1 = self._batch([p.left for p in dataset.pairs])
+        (x2,), m2 = self._batch([p.right for p in dataset.pairs])
+        lmax = max(x1.shape[1], x2.shape[1])
+        x1, m1 = _pad_to(x1, m1, lmax)
+        x2, m2 = _pad_to(x2, m2, lmax)
+
+        def take(idx: np.ndarray) -> _PairBatch:
+            b = torch.from_numpy(np.asarray(idx))
+            return ((x1[b],), m1[b]), ((x2[b],), m2[b]), mu_all[b]
+        return take
 
     def fit(self, dataset: PreferenceDataset, epochs: int = 5) -> FitStats:
         """Train every member for ``epochs`` passes over a fresh bootstrap sample of its data."""
@@ -321,13 +460,7 @@ class RewardEnsemble:
             raise PreferenceError("no labelled comparisons to fit the reward model on; collect labels first")
         self._assign_splits(n)
         self._update_input_stats(dataset)
-        x1, m1 = self._batch([p.left for p in dataset.pairs])
-        x2, m2 = self._batch([p.right for p in dataset.pairs])
-        lmax = max(x1.shape[1], x2.shape[1])
-        x1, m1 = _pad_to(x1, m1, lmax)
-        x2, m2 = _pad_to(x2, m2, lmax)
-        mu = torch.tensor(dataset.mu, dtype=torch.float32)
-        tensors = (x1, m1, x2, m2, mu)
+        pairs = self._pair_source(dataset)
         train_losses, val_losses, val_accs = [], [], []
         n_train = n_val = 0
         for k, (member, opt) in enumerate(zip(self.members, self.optimizers)):
@@ -337,14 +470,13 @@ class RewardEnsemble:
                 member.train()
                 order = self.rng.permutation(boot)
                 for start in range(0, len(order), self.batch_size):
-                    b = torch.from_numpy(order[start : start + self.batch_size])
-                    loss, _ = self._loss(member, x1[b], m1[b], x2[b], m2[b], mu[b])
+                    loss, _ = self._loss(member, pairs(order[start : start + self.batch_size]))
                     l2 = sum((p**2).sum() for name, p in member.named_parameters() if name.endswith("weight"))
                     opt.zero_grad(set_to_none=True)
                     (loss + self.l2_coefs[k] * l2).backward()
                     opt.step()
-            train_loss, _ = self._evaluate(member, tensors, train_idx)
-            val_loss, val_acc = self._evaluate(member, tensors, val_idx)
+            train_loss, _ = self._evaluate(member, pairs, train_idx)
+            val_loss, val_acc = self._evaluate(member, pairs, val_idx)
             ratio = val_loss / max(train_loss, 1e-8)
             if ratio > 1.5:
                 self.l2_coefs[k] *= 1.5
@@ -409,7 +541,27 @@ class RewardEnsemble:
         path = Path(path)
         if not path.is_file():
             raise PreferenceError(f"reward model file {path} does not exist")
-        self.load_state_dict(torch.load(path, weights_only=False))
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+
+
+_Side = tuple[tuple[torch.Tensor, ...], torch.Tensor]
+_PairBatch = tuple[_Side, _Side, torch.Tensor]
+"""One minibatch of comparisons: (left inputs, left mask), (right inputs, right mask), mu."""
+_PairSource = Any
+"""``idx (np.ndarray) -> _PairBatch``: how ``fit`` reads its comparisons."""
+
+
+def _device(name: str) -> torch.device:
+    """``cpu``, ``cuda[:N]`` or ``auto`` (cuda when available) as a torch device, with a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise PreferenceError(f"rm_device {name!r} is not a torch device; use cpu, cuda or auto") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PreferenceError(f"rm_device {name!r}: this machine has no CUDA GPU; use cpu or auto")
+    return device
 
 
 def _pad_to(x: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,6 +54,11 @@ class Segment:
         """sum_t r(o_t, a_t) under the environment's reward."""
         return float(np.sum(self.true_rewards))
 
+    def copy(self) -> Segment:
+        """The segment with arrays of its own (a view into the pool would keep a whole trajectory alive)."""
+        return Segment(self.obs.copy(), self.actions.copy(), self.true_rewards.astype(np.float64, copy=True),
+                       dict(self.info))
+
 
 @dataclass
 class SegmentPair:
@@ -61,6 +66,10 @@ class SegmentPair:
 
     left: Segment
     right: Segment
+
+    def copy(self) -> SegmentPair:
+        """Both segments with arrays of their own (see :meth:`Segment.copy`)."""
+        return SegmentPair(self.left.copy(), self.right.copy())
 
 
 @dataclass
@@ -77,14 +86,16 @@ class Trajectory:
     def __len__(self) -> int:
         return int(self.obs.shape[0])
 
-    def cut(self, start: int, length: int) -> Segment:
+    def cut(self, start: int, length: int, copy: bool = True) -> Segment:
+        """Steps ``start:start+length``; ``copy=False`` gives views into this trajectory (candidates only)."""
         end = start + length
-        return Segment(
-            obs=self.obs[start:end].copy(),
-            actions=self.actions[start:end].copy(),
-            true_rewards=self.true_rewards[start:end].astype(np.float64, copy=True),
+        seg = Segment(
+            obs=self.obs[start:end],
+            actions=self.actions[start:end],
+            true_rewards=self.true_rewards[start:end],
             info={"episode": self.episode_id, "start": self.start + start},
         )
+        return seg.copy() if copy else seg
 
 
 class _OpenEpisode:
@@ -308,26 +319,36 @@ class TrajectoryPool:
         trajs = self.trajectories()
         if not trajs:
             raise PreferenceError("the trajectory pool is empty; collect a rollout before asking for transitions")
-        obs = np.concatenate([t.obs for t in trajs])
-        actions = np.concatenate([t.actions for t in trajs])
-        rewards = np.concatenate([t.true_rewards for t in trajs])
-        if len(obs) > max_steps:
+        lengths = np.array([len(t) for t in trajs])
+        total = int(lengths.sum())
+        if total > max_steps:
             rng = rng or np.random.default_rng(0)
-            idx = np.sort(rng.choice(len(obs), size=max_steps, replace=False))
-            obs, actions, rewards = obs[idx], actions[idx], rewards[idx]
+            idx = np.sort(rng.choice(total, size=max_steps, replace=False))
+        else:
+            idx = np.arange(total)
+        # Gather the chosen rows trajectory by trajectory: concatenating the whole pool first
+        # would copy all of it (a 25k-step Atari pool is 700 MB of frames).
+        offsets = np.cumsum(lengths) - lengths
+        which = np.searchsorted(offsets, idx, side="right") - 1
+        picks = [(trajs[k], idx[which == k] - offsets[k]) for k in np.unique(which)]
+        obs = np.concatenate([t.obs[rows] for t, rows in picks])
+        actions = np.concatenate([t.actions[rows] for t, rows in picks])
+        rewards = np.concatenate([t.true_rewards[rows] for t, rows in picks])
         return obs, actions, rewards
 
-    def sample_segments(self, n: int, length: int, rng: np.random.Generator) -> list[Segment]:
+    def sample_segments(self, n: int, length: int, rng: np.random.Generator, copy: bool = True) -> list[Segment]:
         """``n`` segments of ``length`` steps (or the longest length available, see module doc).
 
         Start positions are uniform over every valid start in the pool, so a long episode gives
-        proportionally more clips than a short one.
+        proportionally more clips than a short one. ``copy=False`` returns views into the pool:
+        for candidates that are scored and mostly thrown away (ten 700 KB Atari clips per pair
+        kept); copy the ones kept (:meth:`SegmentPair.copy`).
         """
-        return sample_segments(self.trajectories(), n, length, rng)
+        return sample_segments(self.trajectories(), n, length, rng, copy)
 
-    def sample_pairs(self, n: int, length: int, rng: np.random.Generator) -> list[SegmentPair]:
-        """``n`` pairs of independently sampled segments, both sides of equal length."""
-        segs = self.sample_segments(2 * n, length, rng)
+    def sample_pairs(self, n: int, length: int, rng: np.random.Generator, copy: bool = True) -> list[SegmentPair]:
+        """``n`` pairs of independently sampled segments, both sides of equal length (``copy``: as above)."""
+        segs = self.sample_segments(2 * n, length, rng, copy)
         return [SegmentPair(segs[2 * k], segs[2 * k + 1]) for k in range(n)]
 
 
@@ -340,7 +361,7 @@ def effective_segment_length(lengths: Iterable[int], length: int) -> int:
 
 
 def sample_segments(trajectories: Sequence[Trajectory], n: int, length: int,
-                    rng: np.random.Generator) -> list[Segment]:
+                    rng: np.random.Generator, copy: bool = True) -> list[Segment]:
     """Cut ``n`` segments uniformly over valid start positions; never across an episode end."""
     if length <= 0:
         raise PreferenceError(f"segment_length must be positive, got {length}")
@@ -353,5 +374,5 @@ def sample_segments(trajectories: Sequence[Trajectory], n: int, length: int,
     for k in which:
         traj = eligible[int(k)]
         start = int(rng.integers(0, len(traj) - eff + 1))
-        out.append(traj.cut(start, eff))
+        out.append(traj.cut(start, eff, copy))
     return out

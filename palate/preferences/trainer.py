@@ -71,6 +71,8 @@ class PreferenceTrainer(TrainerCheckpoint):
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.runs_dir) / cfg.name
         self.env_factory = make_env_factory(cfg)
+        # Atari: episodes are not games (continuous games, or lives), so game scores come from the env.
+        self.atari = bool(getattr(self.env_factory, "atari", False))
         probe = self.env_factory()
         try:
             self.observation_space, self.action_space = probe.observation_space, probe.action_space
@@ -80,7 +82,10 @@ class PreferenceTrainer(TrainerCheckpoint):
         if not isinstance(self.observation_space, gym.spaces.Box):
             raise PreferenceError(f"{cfg.env}: preference learning needs Box observations, got {self.observation_space}")
         self.rng = np.random.default_rng(cfg.seed)
-        self.pool = TrajectoryPool(max_steps=cfg.pool_steps)
+        # Continuous Atari games never end: each env slot's running game goes to the pool in pieces
+        # of pool_steps / (4 n_envs), so the pool holds about 1.25 x pool_steps steps (plus one rollout per slot).
+        open_steps = max(cfg.segment_length, cfg.pool_steps // (4 * policy_config(cfg).n_envs)) if self.atari else None
+        self.pool = TrajectoryPool(max_steps=cfg.pool_steps, max_open_steps=open_steps)
         self.model = reward_model(cfg, self.observation_space, self.action_space)
         self.dataset = PreferenceDataset()
         self.selector = selector if selector is not None else make_selector(cfg.selector, cfg.oversample)
@@ -91,6 +96,7 @@ class PreferenceTrainer(TrainerCheckpoint):
         self._vec_env: Any = None
         self.random_steps = 0
         self._resume_state: dict[str, Any] | None = None  # set by resume(): train() continues it
+        self._random_games: tuple[list[float], list[int]] = ([], [])  # Atari: games of the warm-up
 
     # ------------------------------------------------------------------ parts
     def _build_labeller(self) -> Any:
@@ -161,9 +167,17 @@ class PreferenceTrainer(TrainerCheckpoint):
                                              np.asarray(buf["rewards"]), finished=True)
                     buf = {"obs": [], "actions": [], "rewards": []}
                     obs, _ = env.reset()
+                elif len(buf["obs"]) >= self.pool.max_open_steps:
+                    # An episode longer than the pool keeps (continuous Atari games): hand it over
+                    # in pieces, so the warm-up never holds more than the pool would.
+                    self.pool.add_trajectory(np.asarray(buf["obs"]), np.asarray(buf["actions"]),
+                                             np.asarray(buf["rewards"]), finished=False)
+                    buf = {"obs": [], "actions": [], "rewards": []}
             if buf["obs"]:
                 self.pool.add_trajectory(np.asarray(buf["obs"]), np.asarray(buf["actions"]),
                                          np.asarray(buf["rewards"]), finished=False)
+            if self.atari:
+                self._random_games = env.get_wrapper_attr("pop_game_scores")()
         finally:
             env.close()
         self.random_steps += n_steps
@@ -176,8 +190,10 @@ class PreferenceTrainer(TrainerCheckpoint):
         if n <= 0:
             return 0
         scorer = self.model if self.model.n_fits > 0 else None
-        pairs = selector.select(lambda k: self.pool.sample_pairs(k, self.cfg.segment_length, self.rng), n, scorer)
-        sent = channel.offer([Query.new(p) for p in pairs])
+        # Candidates are views into the pool; only the pairs kept get arrays of their own.
+        pairs = selector.select(lambda k: self.pool.sample_pairs(k, self.cfg.segment_length, self.rng, copy=False),
+                                n, scorer)
+        sent = channel.offer([Query.new(p.copy()) for p in pairs])
         self.asked += sent
         return sent
 
@@ -275,6 +291,8 @@ class PreferenceTrainer(TrainerCheckpoint):
                 n_random = cfg.random_steps or 4 * cfg.segment_length * max(n0, 1)
                 self.collect_random(n_random)
                 random_returns, _ = self.pool.drain_episode_stats()
+                if self.atari:
+                    random_returns = self._random_games[0]
                 if self.asked < n0:
                     # No reward model yet, so nothing to disagree about: random pairs.
                     self.ask(channel, n0 - self.asked, RandomSelector())
@@ -316,6 +334,8 @@ class PreferenceTrainer(TrainerCheckpoint):
                 self.absorb(channel.answers())
                 metrics = self.fit(cfg.rm_epochs)
                 returns, lengths = self.pool.drain_episode_stats()
+                if self.atari:
+                    returns, lengths = self._game_scores(vec_env)
                 if returns:
                     metrics["charts/episodic_return"] = float(np.mean(returns))
                     metrics["charts/episodic_length"] = float(np.mean(lengths))
@@ -347,6 +367,16 @@ class PreferenceTrainer(TrainerCheckpoint):
         log.info("prefs %s: %d policy steps, %d labels, eval true return %s", cfg.env, summary["policy_steps"],
                  summary["labels_used"], summary["eval_true_return_mean"])
         return summary
+
+    @staticmethod
+    def _game_scores(vec_env: Any) -> tuple[list[float], list[int]]:
+        """Unclipped scores and lengths of the Atari games finished in ``vec_env`` since the last call."""
+        returns: list[float] = []
+        lengths: list[int] = []
+        for scores, steps in vec_env.call("pop_game_scores"):
+            returns.extend(scores)
+            lengths.extend(steps)
+        return returns, lengths
 
     def _log(self, logger: Any, step: int, metrics: dict[str, Any], channel: Any) -> None:
         metrics.update({

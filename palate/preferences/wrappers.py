@@ -68,9 +68,12 @@ def make_env_factory(cfg: PreferenceConfig) -> Callable[[], Any]:
     environments keep their natural episodes, and segments are cut within episodes (see
     :mod:`palate.preferences.segments`).
     """
+    from palate.rl.atari import is_ale_id
     from palate.rl.envs import check_env_id
 
     check_env_id(cfg.env)
+    if is_ale_id(cfg.env):
+        return atari_env_factory(cfg)
     kwargs: dict[str, Any] = {}
     family = cfg.env.split("-")[0]
     penalise = cfg.fixed_length_episodes and family in _TERMINATING_MUJOCO
@@ -88,4 +91,31 @@ def make_env_factory(cfg: PreferenceConfig) -> Callable[[], Any]:
 
     factory.__name__ = cfg.env
     factory.env_kwargs = kwargs  # type: ignore[attr-defined]
+    return factory
+
+
+def atari_env_factory(cfg: PreferenceConfig) -> Callable[[], Any]:
+    """The Atari stack of ``palate rl train`` (:mod:`palate.rl.atari`), changed for a preference run.
+
+    The reward stays unclipped: the agent optimises r_hat, and the synthetic oracle should judge
+    clips by the game's real score. With ``fixed_length_episodes`` (the paper's Atari setting)
+    no lost life and no game over ends an episode: the next game starts at once
+    (:class:`palate.rl.atari.ContinuousGames`), so the agent's one episode runs to the emulator's
+    frame limit and its end says nothing about the reward. Without it, the RL stack's episodes
+    (a lost life ends one) are kept. Either way the game scores are collected for the metrics.
+    """
+    from palate.rl.atari import make_atari_env
+
+    continuous = bool(cfg.fixed_length_episodes)
+
+    def factory() -> Any:
+        return make_atari_env(cfg.env, training=True, clip_reward=False, episodic_life=not continuous,
+                              continuous=continuous)
+
+    factory.__name__ = cfg.env
+    factory.env_kwargs = {}  # type: ignore[attr-defined]
+    factory.atari = True  # type: ignore[attr-defined]
+    # The same stack in envpool's C++ pool, for rl: {vec_env: envpool} (palate.rl.atari.EnvpoolAtari).
+    factory.envpool_options = {"env_id": cfg.env, "clip_reward": False,  # type: ignore[attr-defined]
+                               "episodic_life": not continuous, "continuous": continuous}
     return factory

@@ -29,8 +29,9 @@ class OnPolicyConfig:
     seed: int = doc_field(0, "seeds torch, the environments and action sampling; same seed, same run")
     n_envs: int = doc_field(1, "N, environments stepped in parallel (actors)")
     n_steps: int = doc_field(2048, "T, steps per environment per rollout (batch = N * T)")
-    vec_env: Literal["sync", "subprocess"] = doc_field(
-        "sync", "sync: all envs in this process; subprocess: one process per env (for slow envs)")
+    vec_env: Literal["sync", "subprocess", "envpool"] = doc_field(
+        "sync", "sync: all envs in this process; subprocess: one process per env (for slow envs); "
+        "envpool: Atari in envpool's C++ threads (pip install envpool)")
     gamma: float = doc_field(0.99, "discount factor gamma")
     gae_lambda: float = doc_field(0.95, "GAE lambda (bias/variance trade-off of the advantage)")
     normalize_advantage: bool = doc_field(True, "whiten advantages per (mini)batch")

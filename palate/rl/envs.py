@@ -202,7 +202,13 @@ def make_vec_env(
     :func:`restore_envs`) replace freshly made environments in a sync vector env.
     ``env_module`` is imported first (in each subprocess too) for ids it registers;
     ``atari_wrappers`` as in :func:`make_env` (training wrappers on).
+
+    ``vec_env="envpool"`` runs an ALE id in envpool's C++ pool (:class:`palate.rl.atari.EnvpoolAtari`),
+    when envpool is installed; a factory may ask for it with an ``envpool_options`` attribute
+    (the keywords of ``EnvpoolAtari``, its ``env_id`` included), as preference runs' do.
     """
+    if vec_env == "envpool":
+        return _envpool(source, n_envs, env_module, atari_wrappers), True
     wrap = uses_atari_wrappers(source, atari_wrappers)
     if isinstance(source, gym.vector.VectorEnv):
         mode = source.metadata.get("autoreset_mode")
@@ -242,6 +248,20 @@ def make_vec_env(
         envs.close()
         raise
     return envs, True
+
+
+def _envpool(source: EnvSource, n_envs: int, env_module: str | None, atari_wrappers: bool | None) -> gym.vector.VectorEnv:
+    """The envpool vector env for an ALE id (training stack) or a factory's ``envpool_options``."""
+    options = getattr(source, "envpool_options", None)
+    if options is not None:
+        options = dict(options)
+        return atari.EnvpoolAtari(options.pop("env_id"), n_envs, **options)
+    if isinstance(source, str):
+        check_env_id(source, env_module)
+        if uses_atari_wrappers(source, atari_wrappers):
+            return atari.EnvpoolAtari(source, n_envs)
+    raise EnvError(f"vec_env: envpool runs Atari games only (ALE ids such as PongNoFrameskip-v4 with the Atari "
+                   f"preprocessing), not {env_name(source)}; use vec_env: sync or subprocess")
 
 
 def env_name(source: EnvSource) -> str:

@@ -76,3 +76,31 @@ def test_answer_to_a_task_the_run_never_created_raises(tmp_path, service):
     _answer_all(alice, ["right"])
     with pytest.raises(PreferenceError, match="task 1 \\(comparison 'foreign'\\).*never created"):
         labeller.collect()
+
+
+def test_people_label_atari_clips_rendered_from_frames(tmp_path, service):
+    pytest.importorskip("ale_py")
+    pytest.importorskip("cv2")
+    from palate.preferences.config import PreferenceConfig
+    from palate.preferences.wrappers import make_env_factory
+
+    env = make_env_factory(PreferenceConfig(env="PongNoFrameskip-v4"))()
+    obs, _ = env.reset(seed=0)
+    frames = []
+    for _ in range(50):
+        frames.append(obs)
+        obs, *_ = env.step(env.action_space.sample())
+    env.close()
+    clips = [Segment(np.stack(frames[k:k + 25]), np.zeros(25, np.int64), np.zeros(25)) for k in (0, 25)]
+    run_client, alice = service
+    labeller = HumanLabeller(run_client, SegmentRenderer("PongNoFrameskip-v4"), project="prefs-test",
+                             poll_interval=0.01)
+    store = LabelStore(tmp_path / "run")
+    channel = _AsyncChannel(labeller, store, max_pending=8, poll_s=0.01)
+    query = Query.new(SegmentPair(*clips))
+    assert channel.offer([query]) == 1
+    _answer_all(alice, ["right"])
+    got = channel.close(wait_s=20)
+    assert [(c.id, c.label) for c in got] == [(query.id, "right")]
+    (saved,) = load_labels(tmp_path / "run")
+    assert saved.pair.left.obs.dtype == np.uint8 and saved.pair.left.obs.shape == (25, 4, 84, 84)
