@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,8 @@ def _run_ppo(args: argparse.Namespace) -> int:
     else:
         cfg = config_from_args(LMPPOConfig, args, args.config)
         run_dir = train_ppo(cfg, overwrite=args.overwrite)
+    if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, one line for the whole run
+        return 0
     summary = json.loads((run_dir / "summary.json").read_text())
     final = summary.get("final", {})
     print(f"PPO run written to {run_dir} (policy: {run_dir / 'model'}); final reward "
