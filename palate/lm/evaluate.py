@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,10 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from palate.errors import CheckpointError
+from palate.errors import CheckpointError, ConfigError
 from palate.lm.config import EvalConfig
-from palate.lm.generation import decode_responses, response_logprobs, sample
-from palate.runs import atomic_write_json, read_run_config, seed_everything
+from palate.lm.generation import decode_responses, response_logprobs, row_seed, sample
+from palate.lm.pretrain_text import lm_nll
+from palate.runs import atomic_write_json, atomic_write_text, read_run_config, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +79,51 @@ def _text_stats(texts: Sequence[str], lengths: torch.Tensor, ended: torch.Tensor
 
 @torch.no_grad()
 def sample_batches(model: torch.nn.Module, tokenizer, prompt_ids: Sequence[list[int]], max_new_tokens: int,
-                   temperature: float, batch_size: int) -> tuple[list[Any], list[str]]:
-    """``(rollout batches, decoded completions)`` of one sample per prompt id list, ``batch_size`` at a time."""
+                   temperature: float, batch_size: int,
+                   row_seeds: Sequence[int] | None = None) -> tuple[list[Any], list[str]]:
+    """``(rollout batches, decoded completions)`` of one sample per prompt id list, ``batch_size`` at a time.
+
+    With ``row_seeds`` each completion draws from its own generator (:func:`palate.lm.generation.sample`),
+    so it does not depend on the batch or process it is sampled in.
+    """
     batches, texts = [], []
     for i in range(0, len(prompt_ids), batch_size):
-        b = sample(model, tokenizer, prompt_ids[i:i + batch_size], max_new_tokens, temperature)
+        seeds = None if row_seeds is None else row_seeds[i:i + batch_size]
+        b = sample(model, tokenizer, prompt_ids[i:i + batch_size], max_new_tokens, temperature, row_seeds=seeds)
         batches.append(b)
         texts += decode_responses(tokenizer, b)
     return batches, texts
+
+
+def _shard(n: int, accelerator: Any) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of ``n`` that this process evaluates: contiguous, in rank order, the last may be short."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return 0, n
+    per = -(-n // accelerator.num_processes)
+    rank = accelerator.process_index
+    return min(rank * per, n), min((rank + 1) * per, n)
+
+
+def _gather(accelerator: Any, items: list[Any]) -> list[Any]:
+    """Every process's ``items``, concatenated in rank order (the rows of :func:`_shard`), on every process."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return items
+    from accelerate.utils import gather_object
+
+    return list(gather_object(items))
+
+
+def _perplexity(model: torch.nn.Module, blocks: torch.Tensor, accelerator: Any, batch_size: int = 8) -> float:
+    """exp(mean token NLL) over ``blocks``, each process taking its shard of the blocks."""
+    lo, hi = _shard(len(blocks), accelerator)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(lo, hi, batch_size):
+        b = blocks[i:min(i + batch_size, hi)].to(device)
+        total += float(lm_nll(model, b)) * b.shape[0] * (b.shape[1] - 1)
+        count += b.shape[0] * (b.shape[1] - 1)
+    parts = _gather(accelerator, [(total, count)])
+    return float(np.exp(sum(t for t, _ in parts) / max(sum(c for _, c in parts), 1)))
 
 
 @torch.no_grad()
@@ -104,28 +143,41 @@ def evaluate_models(
     ppl_blocks: torch.Tensor | None = None,
     extra_scorers: dict[str, Callable[[Sequence[str], Sequence[str]], Any]] | None = None,
     seed: int = 0,
+    accelerator: Any = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """All evaluation numbers for ``policy`` vs ``reference`` on ``prompts``, and the samples.
 
     Both models answer the same (prompt, repeat) list; the reference's KL-to-itself is 0 by
-    definition, so only the policy's samples are scored under both models for the KL.
+    definition, so only the policy's samples are scored under both models for the KL. Each
+    completion is sampled from its own generator, seeded by ``seed`` and its place in that list
+    (:func:`palate.lm.generation.row_seed`), so under ``accelerate launch`` (an ``accelerator`` of
+    N processes) each process samples its shard of the list and, gathered, the completions,
+    verdicts and metrics are the ones a single process computes.
     """
-    from palate.lm.pretrain_text import perplexity
-
     flat = [p for p in prompts for _ in range(samples_per_prompt)]
     ids = [encode_prompt(p) for p in flat]
+    lo, hi = _shard(len(ids), accelerator)
     seed_everything(seed)
-    pol_batches, pol_texts = sample_batches(policy, tokenizer, ids, max_new_tokens, temperature, batch_size)
-    seed_everything(seed + 1)
-    ref_batches, ref_texts = sample_batches(reference, tokenizer, ids, max_new_tokens, temperature, batch_size)
-
-    kls = []
+    pol_batches, pol_texts = sample_batches(policy, tokenizer, ids[lo:hi], max_new_tokens, temperature, batch_size,
+                                            row_seeds=[row_seed(seed, 0, i) for i in range(lo, hi)])
+    ref_batches, ref_texts = sample_batches(reference, tokenizer, ids[lo:hi], max_new_tokens, temperature,
+                                            batch_size, row_seeds=[row_seed(seed, 1, i) for i in range(lo, hi)])
+    kls: list[float] = []
     for b in pol_batches:
         device = next(policy.parameters()).device
         b = b.to(device)
-        kl = (response_logprobs(policy, b, temperature) - response_logprobs(reference, b, temperature)).sum(1)
-        kls.append(kl.cpu())
-    kl = torch.cat(kls)
+        kls += (response_logprobs(policy, b, temperature) - response_logprobs(reference, b, temperature)).sum(1).tolist()
+
+    def rows(batches: list[Any], attr: str) -> list[Any]:
+        return [v for b in batches for v in (getattr(b, attr).sum(1) if attr == "response_mask"
+                                             else getattr(b, attr)).tolist()]
+
+    pol_texts, ref_texts = _gather(accelerator, pol_texts), _gather(accelerator, ref_texts)
+    kl = torch.tensor(_gather(accelerator, kls), dtype=torch.float32)
+    pol_len = torch.tensor(_gather(accelerator, rows(pol_batches, "response_mask")))
+    ref_len = torch.tensor(_gather(accelerator, rows(ref_batches, "response_mask")))
+    pol_ended = torch.tensor(_gather(accelerator, rows(pol_batches, "ended")), dtype=torch.bool)
+    ref_ended = torch.tensor(_gather(accelerator, rows(ref_batches, "ended")), dtype=torch.bool)
 
     rng = np.random.default_rng(seed)
     wr, outcomes = win_rate(judge, flat, pol_texts, ref_texts, rng)
@@ -144,16 +196,14 @@ def evaluate_models(
         "judge_score": float(np.mean([judge.score(p, t) for p, t in zip(flat, pol_texts)])) if hasattr(judge, "score") else None,
         "judge_score_reference": float(np.mean([judge.score(p, t) for p, t in zip(flat, ref_texts)])) if hasattr(judge, "score") else None,
     }
-    pol_len = torch.cat([b.response_mask.sum(1) for b in pol_batches])
-    ref_len = torch.cat([b.response_mask.sum(1) for b in ref_batches])
-    metrics.update({f"policy/{k}": v for k, v in _text_stats(pol_texts, pol_len, torch.cat([b.ended for b in pol_batches])).items()})
-    metrics.update({f"reference/{k}": v for k, v in _text_stats(ref_texts, ref_len, torch.cat([b.ended for b in ref_batches])).items()})
+    metrics.update({f"policy/{k}": v for k, v in _text_stats(pol_texts, pol_len, pol_ended).items()})
+    metrics.update({f"reference/{k}": v for k, v in _text_stats(ref_texts, ref_len, ref_ended).items()})
     for name, scorer in (extra_scorers or {}).items():
         metrics[f"{name}"] = float(torch.as_tensor(scorer(flat, pol_texts)).float().mean())
         metrics[f"{name}_reference"] = float(torch.as_tensor(scorer(flat, ref_texts)).float().mean())
     if ppl_blocks is not None:
-        metrics["perplexity"] = perplexity(policy, ppl_blocks)
-        metrics["perplexity_reference"] = perplexity(reference, ppl_blocks)
+        metrics["perplexity"] = _perplexity(policy, ppl_blocks, accelerator)
+        metrics["perplexity_reference"] = _perplexity(reference, ppl_blocks, accelerator)
         metrics["alignment_tax_ppl_ratio"] = metrics["perplexity"] / metrics["perplexity_reference"]
     samples = [{"prompt": p, "policy": a, "reference": b, "policy_reward": float(ra), "reference_reward": float(rb),
                 "held_out_prefers": {1.0: "policy", 0.0: "reference", 0.5: "tie"}[o], "kl": float(k)}
@@ -190,6 +240,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.judge == "human":
         from palate.lm.human_eval import evaluate_with_people
 
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("eval --judge human posts tasks to the feedback service from one process: run it "
+                              "without accelerate launch (the labeller's part is cheap next to people's)")
+
         return evaluate_with_people(cfg)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
@@ -202,6 +256,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     chat = task.chat if settings.get("chat") is None else bool(settings["chat"])
     max_new_tokens = cfg.max_new_tokens or settings.get("max_new_tokens") or task.max_new_tokens
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+    from palate.lm.training import make_accelerator
+
+    # One process, or each of `accelerate launch`'s: it samples its shard of the pairs (see evaluate_models).
+    accelerator = make_accelerator(cpu=device == "cpu")
+    if accelerator.num_processes > 1:
+        device = str(accelerator.device)
     t0 = time.perf_counter()
     policy, tokenizer = load_model(str(run), device=device)
     reference, _ = load_model(reference_name, device=device)
@@ -228,14 +288,15 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     metrics, samples = evaluate_models(
         policy, reference, tokenizer, prompts, encode_prompt, task.panel.held_out, task.reward_fn,
         max_new_tokens=max_new_tokens, temperature=cfg.temperature, samples_per_prompt=cfg.samples_per_prompt,
-        batch_size=cfg.batch_size, ppl_blocks=blocks, extra_scorers=extra, seed=cfg.seed)
+        batch_size=cfg.batch_size, ppl_blocks=blocks, extra_scorers=extra, seed=cfg.seed, accelerator=accelerator)
     metrics.update({"policy_model": str(run), "reference_model": str(reference_name), "task": task.name,
-                    "split": cfg.split, "max_new_tokens": max_new_tokens, "wall_s": time.perf_counter() - t0})
+                    "split": cfg.split, "max_new_tokens": max_new_tokens, "num_processes": accelerator.num_processes,
+                    "wall_s": time.perf_counter() - t0})
+    if not accelerator.is_main_process:  # the main process writes the files
+        return metrics
     out = eval_out_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "samples.jsonl", "w") as fh:
-        for s in samples:
-            fh.write(json.dumps(s) + "\n")
+    atomic_write_text(out / "samples.jsonl", "".join(json.dumps(row) + "\n" for row in samples))
     atomic_write_json(out / "summary.json", metrics)
     log.info("win rate vs SFT (held-out labeller) %.3f +- %.3f, KL %.2f nats, reward %.3f (SFT %.3f)",
              metrics["win_rate"], metrics["win_rate_stderr"], metrics["kl"], metrics["reward"],

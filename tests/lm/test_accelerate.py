@@ -102,3 +102,53 @@ def test_a_second_accelerator_may_change_mixed_precision() -> None:
     # Accelerators read the process-wide state, so each is checked before the next is made.
     for precision in ("no", "bf16", "no"):
         assert make_accelerator(cpu=True, mixed_precision=precision).mixed_precision == precision
+
+
+EVAL_WORKER = textwrap.dedent("""
+    import sys
+    from palate.lm.config import EvalConfig
+    from palate.lm.evaluate import evaluate
+
+    tmp, out = sys.argv[1], sys.argv[2]
+    evaluate(EvalConfig(run=f"{tmp}/policy", reference=f"{tmp}/tiny", task="sentiment", n_prompts=3,
+                        samples_per_prompt=3, max_new_tokens=5, batch_size=2, ptx_block_size=16, max_ppl_blocks=5,
+                        out=out, device="cpu", seed=7))
+""")
+
+
+def test_eval_in_two_gloo_processes_gives_the_one_process_evaluation(workdir: Path) -> None:
+    """Each process samples its shard of the 9 (prompt, sample) rows; gathered, the completions,
+    the held-out labeller's verdicts, KL and perplexity are those of one process."""
+    import torch
+
+    from palate.lm.testing import tiny_causal_lm
+
+    policy, tok = tiny_causal_lm()
+    with torch.no_grad():  # a policy that has moved from the reference, so the KL is not 0
+        for p in policy.model.layers[-1].parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    policy.save_pretrained(workdir / "policy")
+    tok.save_pretrained(workdir / "policy")
+    (workdir / "eval_worker.py").write_text(EVAL_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    outs = {}
+    for n in (1, 2):
+        out = workdir / f"eval{n}"
+        cmd = [sys.executable, str(workdir / "eval_worker.py"), str(workdir), str(out)]
+        if n == 2:
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(_free_port()), *cmd[1:]]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[n] = out
+    one, two = (json.loads((outs[n] / "summary.json").read_text()) for n in (1, 2))
+    assert (one["num_processes"], two["num_processes"]) == (1, 2)
+    assert one["n_comparisons"] == two["n_comparisons"] == 9
+    for key in ("win_rate", "reward", "reward_reference", "kl", "perplexity", "perplexity_reference",
+                "policy/length_tokens", "reference/distinct_2"):
+        assert one[key] == pytest.approx(two[key], rel=1e-5, abs=1e-6), key
+    assert one["kl"] > 0.0
+    rows = [[json.loads(line) for line in (outs[n] / "samples.jsonl").read_text().splitlines()] for n in (1, 2)]
+    assert [(r["policy"], r["reference"], r["held_out_prefers"]) for r in rows[0]] == \
+        [(r["policy"], r["reference"], r["held_out_prefers"]) for r in rows[1]]
