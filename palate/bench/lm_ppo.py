@@ -137,7 +137,8 @@ def export_reward_model_for_trl(rm_dir: Path, out: Path) -> Path:
 
 
 def arm_palate(work: Path, sft: str, rm_dir: str, s: dict[str, Any]) -> dict[str, Any]:
-    from palate.lm.ppo import LMPPOConfig, build_trainer, read_metrics
+    from palate.lm.ppo import LMPPOConfig, read_metrics
+    from palate.lm.ppo_build import build_trainer
     from palate.runs import prepare_run_dir
 
     cfg = LMPPOConfig(policy=sft, reference=sft, reward_model=rm_dir, task="sentiment", iterations=s["iterations"],

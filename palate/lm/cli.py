@@ -63,7 +63,7 @@ def _run_label(args: argparse.Namespace) -> int:
 
 
 def _run_ppo(args: argparse.Namespace) -> int:
-    from palate.lm.ppo import train_ppo
+    from palate.lm.ppo_build import train_ppo
     from palate.runs import read_run_config
 
     if args.resume:

@@ -148,7 +148,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     from palate.lm.demos import build_demonstrations, label_comparisons
     from palate.lm.dpo import train_dpo
     from palate.lm.evaluate import evaluate
-    from palate.lm.ppo import train_ppo
+    from palate.lm.ppo_build import train_ppo
     from palate.lm.report import write_report
     from palate.lm.reward import train_reward_model
     from palate.lm.sft import train_sft

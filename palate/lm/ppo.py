@@ -24,7 +24,7 @@ takes a slice of every minibatch in step 4: the run makes the one-process update
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import json
 import logging
 import time
@@ -35,12 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from palate.config import config_to_dict
 from palate.core.advantages import gae_masked
 from palate.core.kl import AdaptiveKLController, FixedKLController, kl_shaped_rewards
 from palate.core.ppo import clipped_surrogate_loss, value_loss
-from palate.core.stats import masked_mean, whiten
-from palate.errors import CheckpointError, ConfigError
+from palate.core.stats import explained_variance, masked_mean, whiten
+from palate.errors import ConfigError
 from palate.lm.config import LMPPOConfig
 from palate.lm.generation import (
     GenerationEngine,
@@ -52,6 +51,7 @@ from palate.lm.generation import (
     logits_to_logprobs,
     row_seed,
 )
+from palate.lm.ppo_checkpoint import PPOCheckpointMixin
 from palate.lm.pretrain_text import PretrainBatches
 from palate.lm.rollout import (
     PromptSampler,
@@ -63,31 +63,24 @@ from palate.lm.rollout import (
     setup_prefix_cache,
     shard_bounds,
 )
-from palate.lm.sft import save_causal_lm
 from palate.lm.trainable import (
     checkpointing_armed,
     enable_block_checkpointing,
     freeze_all_but_last_layers,
     lora_config,
-    make_trainable,
 )
 from palate.lm.training import adamw, peak_gpu_mb, peak_rss_mb, reset_accelerator_settings
 from palate.lm.value import PolicyAndValue, ValueModel, fold_normalisation
 from palate.runs import (
     MetricsLogger,
-    atomic_torch_save,
     atomic_write_json,
-    prepare_run_dir,
-    rng_state,
-    seed_everything,
-    set_rng_state,
     truncate_metrics,
 )
 
 # Where users import the PPO parts from (the tests and scripts/gpu do).
 __all__ = ["LMPPOConfig", "LMPPOTrainer", "PolicyAndValue", "PromptSampler", "Rollout", "ScoreFn", "ValueModel",
-           "build_trainer", "fold_normalisation", "freeze_all_but_last_layers", "lora_config", "make_score_fn",
-           "read_metrics", "train_ppo"]
+           "fold_normalisation", "freeze_all_but_last_layers", "lora_config", "make_score_fn",
+           "read_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +88,7 @@ log = logging.getLogger(__name__)
 # Trainer
 
 
-class LMPPOTrainer:
+class LMPPOTrainer(PPOCheckpointMixin):
     """The PPO(-ptx) loop over injected parts: policy, reference, value model, scorer, prompts.
 
     :func:`build_trainer` assembles these from a config (model loading, the task, the reward
@@ -309,7 +302,7 @@ class LMPPOTrainer:
                 sums = torch.zeros(len(self._STATS), dtype=torch.float64)
                 for k, idx in enumerate(local.split(micro)):
                     last = k == cfg.gradient_accumulation_steps - 1
-                    ctx = acc.no_sync(self.model) if not last else _nullcontext()
+                    ctx = acc.no_sync(self.model) if not last else contextlib.nullcontext()
                     with ctx:
                         sums += self._loss_and_backward(ro, idx, n_tokens, n_proc,
                                                         ptx_parts[k] if ptx_parts else None)
@@ -401,7 +394,7 @@ class LMPPOTrainer:
         self.kl_ctl.update(mean_kl, len(ro.batch))
         n_tokens = float(mask.sum())
         valid = mask.bool()
-        ev = _explained_variance(ro.values[valid], ro.returns[valid])
+        ev = explained_variance(ro.values[valid], ro.returns[valid]) if valid.sum() > 1 else float("nan")
         metrics: dict[str, float] = {
             "objective/reward": float(ro.scores.mean()),
             "objective/reward_std": float(ro.scores.std()) if len(ro.scores) > 1 else 0.0,
@@ -497,169 +490,6 @@ class LMPPOTrainer:
         self.accelerator.wait_for_everyone()  # the run is complete on disk before any process returns
         return summary
 
-    # -- checkpoints -------------------------------------------------------------------------
-
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in self.unwrapped.named_parameters() if p.requires_grad}
-
-    def save_checkpoint(self, run_dir: Path) -> None:
-        """Trainable weights (all, or adapters / last blocks), optimiser, beta, RNG, samplers; atomic."""
-        if not self.accelerator.is_main_process:
-            return
-        state = {
-            "iteration": self.iteration,
-            "weights": self._trainable_state(),
-            "optimizer": self.optimizer.state_dict(),
-            "kl_ctl": self.kl_ctl.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "ptx": self.ptx.state_dict() if self.ptx is not None else None,
-            "update_generator": self.update_generator.get_state(),
-            "rng": rng_state(),
-            "online": self.online.state_dict() if self.online is not None else None,
-        }
-        atomic_torch_save(state, run_dir / "checkpoint.pt")
-
-    def load_checkpoint(self, run_dir: Path) -> None:
-        path = run_dir / "checkpoint.pt"
-        if not path.is_file():
-            raise CheckpointError(f"{run_dir} has no checkpoint.pt to resume from; start it again without --resume")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        missing = set(self._trainable_state()) - set(state["weights"])
-        if missing:
-            raise CheckpointError(f"{path} does not match this model (missing {sorted(missing)[:3]}...); "
-                                  "resume with the config the run was started with")
-        self.unwrapped.load_state_dict(state["weights"], strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.sampler.load_state_dict(state["sampler"])
-        if self.ptx is not None and state["ptx"] is not None:
-            self.ptx.load_state_dict(state["ptx"])
-        self.update_generator.set_state(state["update_generator"])
-        set_rng_state(state["rng"])
-        if self.online is not None and state.get("online") is not None:
-            self.online.load_state_dict(state["online"])
-        self.iteration = int(state["iteration"])
-
-    def save_model(self, directory: Path) -> Path:
-        """The trained policy as a plain transformers directory (LoRA merged) + tokenizer, atomically."""
-        if not self.accelerator.is_main_process:
-            return directory
-        return save_causal_lm(self.unwrapped.policy, self.tokenizer, directory)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
-    if target.numel() < 2:
-        return float("nan")
-    var = float(target.var())
-    return float("nan") if var == 0 else 1.0 - float((target - pred).var()) / var
-
-
-# --------------------------------------------------------------------------------------------
-# Assembling a trainer from a config
-
-
-def _device(cfg: LMPPOConfig) -> str:
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device
-
-
-def load_ptx_blocks(cfg: LMPPOConfig, tokenizer) -> torch.Tensor | None:
-    """Training blocks of the ptx corpus (the held-out split is kept for the alignment tax)."""
-    if cfg.ptx_coef <= 0:
-        return None
-    from palate.lm.pretrain_text import load_corpus, pack_tokens, split_corpus
-
-    train_docs, _held_out = split_corpus(load_corpus(cfg.ptx_corpus))
-    return pack_tokens(tokenizer, train_docs, cfg.ptx_block_size)
-
-
-def build_trainer(cfg: LMPPOConfig) -> LMPPOTrainer:
-    """Load models, task and reward for ``cfg`` and return a ready trainer."""
-    from palate.data.tasks import load_task
-    from palate.lm.formatting import encode_prompt_completion
-    from palate.lm.models import load_model
-
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    seed_everything(cfg.seed)
-    device = _device(cfg)
-    policy, tokenizer = load_model(cfg.policy, dtype=cfg.dtype, device=device,
-                                   gradient_checkpointing=cfg.gradient_checkpointing)
-    task = load_task(cfg.task)
-    chat = task.chat if cfg.chat is None else cfg.chat
-    if cfg.max_new_tokens is None:
-        cfg.max_new_tokens = task.max_new_tokens
-
-    reference = None
-    if cfg.reference and cfg.reference != cfg.policy:
-        reference, _ = load_model(cfg.reference, dtype=cfg.dtype, device=device)
-    elif cfg.lora_r <= 0:
-        reference = copy.deepcopy(policy)
-
-    score_fn, rm = make_score_fn(cfg, tokenizer, device)
-    value_src = cfg.value_init or cfg.reward_model
-    if rm is not None and value_src == cfg.reward_model:
-        value = ValueModel.from_reward_model(rm)
-    elif value_src:
-        from palate.lm.reward_model import RewardModel
-
-        value = ValueModel.from_reward_model(RewardModel.from_pretrained(value_src, dtype=cfg.dtype, device=device))
-        # The reward is not this RM's score (e.g. a task's reward function): keep the RM's features,
-        # which know what the labellers like, but start V at 0 instead of at a score on another scale.
-        nn.init.zeros_(value.head.weight)
-        nn.init.zeros_(value.head.bias)
-    else:
-        value = ValueModel.from_causal_lm(policy)
-    value.requires_grad_(True)
-
-    policy = make_trainable(policy, value, cfg.lora_r, cfg.lora_alpha, cfg.trainable_layers)
-
-    def encode_prompt(prompt: str) -> list[int]:
-        # Exactly the prompt tokens SFT and the reward model saw (same template, same BOS rule).
-        return encode_prompt_completion(tokenizer, prompt, "", chat, cfg.max_prompt_length, add_eos=False)["input_ids"]
-
-    online = None
-    if cfg.online_every > 0:
-        from palate.lm.online import OnlineCollector
-
-        if rm is None:
-            raise ConfigError("online_every > 0 retrains the reward model, so it needs reward_model (not reward_fn)")
-        online = OnlineCollector.from_config(cfg, rm, tokenizer, task, cfg.online_comparisons)
-    return LMPPOTrainer(cfg, policy, tokenizer, value, score_fn, task.prompts("train"), encode_prompt,
-                        reference=reference, ptx_blocks=load_ptx_blocks(cfg, tokenizer), online=online)
-
-
-def train_ppo(cfg: LMPPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
-    """Train and return the run directory (``<run>/model`` holds the policy)."""
-    from accelerate import PartialState
-
-    run_dir = cfg.run_dir
-    if resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise CheckpointError(f"cannot resume {run_dir}: no config.yaml there")
-    else:
-        # Under `accelerate launch` every process runs this: the main one makes the directory,
-        # the others wait for it (PartialState is the launch's process group, or one process).
-        state = PartialState(cpu=_device(cfg) == "cpu")
-        if (run_dir / "config.yaml").exists() and not overwrite:  # every process refuses alike
-            prepare_run_dir(run_dir, {}, overwrite=False)
-        state.wait_for_everyone()
-        if state.is_main_process:
-            prepare_run_dir(run_dir, config_to_dict(cfg), overwrite=overwrite)
-        state.wait_for_everyone()
-    trainer = build_trainer(cfg)
-    trainer.train(run_dir, resume=resume)
-    return run_dir
-
 
 def read_metrics(run_dir: str | Path, phase: str | None = "ppo") -> list[dict[str, Any]]:
     """The run's metrics.jsonl records (of one phase), for reports and tests."""
@@ -675,3 +505,13 @@ def read_metrics(run_dir: str | Path, phase: str | None = "ppo") -> list[dict[st
         if phase is None or rec.get("phase", "ppo") == phase:
             out.append(rec)
     return out
+
+
+def __getattr__(name: str) -> Any:
+    """``build_trainer``, ``train_ppo`` and ``load_ptx_blocks`` live in :mod:`palate.lm.ppo_build`
+    (which imports this module); reached from here too, where users have always found them."""
+    if name in ("build_trainer", "train_ppo", "load_ptx_blocks"):
+        from palate.lm import ppo_build
+
+        return getattr(ppo_build, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
