@@ -377,8 +377,10 @@ def evaluate_arm(model_dir: str, sft: str, rm_dir: str, settings: dict[str, Any]
         lambda p: encode_prompt_completion(tok, p, "", task.chat, 128, add_eos=False)["input_ids"],
         task.panel.held_out, lambda p, c: rm.score_texts(list(p), list(c), tok, batch_size=16).tolist(),
         max_new_tokens=s["max_new_tokens"], samples_per_prompt=s["eval_samples"], batch_size=38, seed=99)
-    return {k: metrics[k] for k in ("reward", "reward_reference", "kl", "kl_stderr", "win_rate", "win_rate_stderr",
-                                    "n_comparisons")}
+    keep = ("reward", "reward_reference", "kl", "kl_stderr", "win_rate", "win_rate_stderr", "n_comparisons",
+            "judge_score", "judge_score_reference", "policy/length_tokens", "policy/eos_frac", "policy/distinct_2",
+            "reference/length_tokens")
+    return {k: metrics[k] for k in keep if k in metrics}
 
 
 def _utc() -> str:
