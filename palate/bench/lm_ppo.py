@@ -513,6 +513,13 @@ def run(out_dir: str | Path, sft: str | None = None, rm_dir: str | None = None, 
     return results
 
 
+def _span(r: dict[str, Any]) -> str:
+    """``"01:31-01:45, "``: when an arm's process ran (from its result file), or nothing."""
+    if not (r.get("started_utc") and r.get("finished_utc")):
+        return ""
+    return f"{r['started_utc'][11:16]}-{r['finished_utc'][11:16]}, "
+
+
 def report_lines(results: dict[str, Any], arms: tuple[str, ...]) -> list[str]:
     """The Markdown table of a run's results, and the issue's two targets against every TRL arm."""
     s, threads = results["settings"], results["threads"]
@@ -523,9 +530,9 @@ def report_lines(results: dict[str, Any], arms: tuple[str, ...]) -> list[str]:
              f"KL coef {s['kl_coef']:g}, last {s['trainable_layers']} blocks trained, seed {s['seed']}; "
              f"evaluation: {s['eval_prompts']} test prompts x {s['eval_samples']} samples; {threads} thread(s) "
              f"per arm{', arms in parallel' if results['parallel'] else ', one arm at a time'}. "
-             f"{results['date']}, commit {results['commit']}, {results['machine']}.", "",
+             f"Table written {results['date']}, commit {results['commit']}, {results['machine']}.", "",
              "| arm | train wall (s) | generated tokens/s | peak RSS (MB) | RM score, test (SFT) | KL to SFT (nats) | "
-             "held-out win rate vs SFT | load avg before/after |", "|---|---|---|---|---|---|---|---|"]
+             "held-out win rate vs SFT | ran (UTC), 1-min load avg before/after |", "|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         r = results.get(arm, {})
         if "eval" not in r:
@@ -536,7 +543,7 @@ def report_lines(results: dict[str, Any], arms: tuple[str, ...]) -> list[str]:
         lines.append(f"| {arm} | {r['train_wall_s']:.0f} | {r['generated_tokens'] / r['train_wall_s']:.2f}{note} | "
                      f"{r['peak_rss_mb']:.0f} | {e['reward']:.3f} ({e['reward_reference']:.3f}) | "
                      f"{e['kl']:.2f} ± {e['kl_stderr']:.2f} | {e['win_rate']:.3f} ± {e['win_rate_stderr']:.3f} "
-                     f"(n={e['n_comparisons']}) | {r.get('load_before', '?')} / {r.get('load_after', '?')} |")
+                     f"(n={e['n_comparisons']}) | {_span(r)}{r.get('load_before', '?')} / {r.get('load_after', '?')} |")
     ours = results.get("palate", {})
     if "eval" in ours:
         lines.append("")
