@@ -401,7 +401,7 @@ def _child(arm: str, work: Path, sft: str, rm_dir: str, threads: int, settings: 
     start = time.perf_counter()
     result["eval"] = evaluate_arm(result["model"], sft, rm_dir, settings)
     result.update(eval_wall_s=time.perf_counter() - start, started_utc=started, finished_utc=_utc(),
-                  settings=settings, sft=sft, reward_model=rm_dir, threads=threads)
+                  settings=settings, sft=sft, reward_model=rm_dir, threads=threads, commit=_commit())
     atomic_write_text(work / f"{arm}.json", json.dumps(result, indent=2))
     return 0
 
