@@ -343,15 +343,19 @@ def _arm_trl_group(kind: str, work: Path, sft: str, rm_dir: str, s: dict[str, An
     out = work / name / "model"
     trainer.model.save_pretrained(out)
     tok.save_pretrained(out)
+    history = trainer.state.log_history
+    atomic_write_text(work / name / "log_history.json", json.dumps(history, indent=1))
     # Generation-time metrics land in the first log after each generation batch.
-    logs = [h for h in trainer.state.log_history if "reward" in h and "completions/mean_length" in h]
+    logs = [h for h in history if "reward" in h and "completions/mean_length" in h]
     last = logs[-1] if logs else {}
     kl_token = last.get("kl")
     return {"train_wall_s": wall, "generated_tokens": generated[0], "model": str(out),
             "final_train_reward": last.get("reward"),
             # TRL logs a per-token mean; x mean length = the mean per-sequence sum palate logs.
             "final_train_kl": None if kl_token is None else kl_token * last["completions/mean_length"],
-            "optimizer_steps": trainer.state.global_step}
+            "optimizer_steps": trainer.state.global_step,
+            # Steps where every sample was outside the clip range (RLOO clips the sequence's ratio): no update.
+            "zero_grad_steps": sum(1 for h in history if h.get("grad_norm") == 0.0)}
 
 
 ARM_FUNCS: dict[str, Callable[[Path, str, str, dict[str, Any]], dict[str, Any]]] = {
