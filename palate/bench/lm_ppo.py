@@ -473,6 +473,7 @@ def run(out_dir: str | Path, sft: str | None = None, rm_dir: str | None = None, 
                                "parallel": parallel, "date": _utc(), "commit": _commit(), "machine": _machine()}
     procs: dict[str, tuple[subprocess.Popen, float, float]] = {}
     load_after: dict[str, float] = {}
+    ended: dict[str, float] = {}
     for arm in arms:
         previous = out / f"{arm}.json"
         if reuse and previous.is_file():
@@ -500,15 +501,16 @@ def run(out_dir: str | Path, sft: str | None = None, rm_dir: str | None = None, 
         procs[arm] = (subprocess.Popen(cmd, env=env, cwd=ROOT), time.perf_counter(), _load())
         if not parallel:  # one at a time: each arm has the machine to itself
             procs[arm][0].wait()
-            load_after[arm] = _load()
+            load_after[arm], ended[arm] = _load(), time.perf_counter()
     for arm, (proc, start, load_before) in procs.items():
         code = proc.wait()
+        end = ended.get(arm, time.perf_counter())
         load = {"load_before": load_before, "load_after": load_after.get(arm, _load())}
         if code != 0:
             results[arm] = {"failed": f"exit code {code}", **load}
             continue
         results[arm] = {**json.loads((out / f"{arm}.json").read_text()), **load,
-                        "process_wall_s": time.perf_counter() - start}
+                        "process_wall_s": end - start}
         atomic_write_text(out / f"{arm}.json", json.dumps(results[arm], indent=2))  # keeps the load for reuse
     lines = report_lines(results, arms)
     atomic_write_text(out / "lm_ppo.md", "\n".join(lines) + "\n")
