@@ -395,7 +395,7 @@ def _child(arm: str, work: Path, sft: str, rm_dir: str, threads: int, settings: 
     import torch
 
     torch.set_num_threads(threads)
-    started = _utc()
+    started, commit = _utc(), _commit()  # the commit whose code this process runs
     result = ARM_FUNCS[arm](work, sft, rm_dir, settings)
     result["peak_rss_mb"] = _peak_rss_mb()  # training's peak: the evaluation below loads SFT and RM again
     if arm in TRL_INSTALLS:
@@ -405,7 +405,7 @@ def _child(arm: str, work: Path, sft: str, rm_dir: str, threads: int, settings: 
     start = time.perf_counter()
     result["eval"] = evaluate_arm(result["model"], sft, rm_dir, settings)
     result.update(eval_wall_s=time.perf_counter() - start, started_utc=started, finished_utc=_utc(),
-                  settings=settings, sft=sft, reward_model=rm_dir, threads=threads, commit=_commit())
+                  settings=settings, sft=sft, reward_model=rm_dir, threads=threads, commit=commit)
     atomic_write_text(work / f"{arm}.json", json.dumps(result, indent=2))
     return 0
 
