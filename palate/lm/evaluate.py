@@ -292,13 +292,15 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     metrics.update({"policy_model": str(run), "reference_model": str(reference_name), "task": task.name,
                     "split": cfg.split, "max_new_tokens": max_new_tokens, "num_processes": accelerator.num_processes,
                     "wall_s": time.perf_counter() - t0})
-    if not accelerator.is_main_process:  # the main process writes the files
-        return metrics
-    out = eval_out_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "samples.jsonl", "".join(json.dumps(row) + "\n" for row in samples))
-    atomic_write_json(out / "summary.json", metrics)
-    log.info("win rate vs SFT (held-out labeller) %.3f +- %.3f, KL %.2f nats, reward %.3f (SFT %.3f)",
-             metrics["win_rate"], metrics["win_rate_stderr"], metrics["kl"], metrics["reward"],
-             metrics["reward_reference"])
+    if accelerator.is_main_process:  # the main process writes the files
+        out = eval_out_dir(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "samples.jsonl", "".join(json.dumps(row) + "\n" for row in samples))
+        atomic_write_json(out / "summary.json", metrics)
+        log.info("win rate vs SFT (held-out labeller) %.3f +- %.3f, KL %.2f nats, reward %.3f (SFT %.3f)",
+                 metrics["win_rate"], metrics["win_rate_stderr"], metrics["kl"], metrics["reward"],
+                 metrics["reward_reference"])
+    # Every process leaves together: one that exited while another still used the process group
+    # would take gloo's threads down with it (std::terminate).
+    accelerator.wait_for_everyone()
     return metrics
