@@ -19,13 +19,14 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from palate.errors import FeedbackError
+from palate.errors import ConfigError, FeedbackError, PalateError
 
 
 class FeedbackClient:
@@ -262,3 +263,19 @@ class FeedbackClient:
             f"/api/tasks/{task_id}/answer",
             json={"answer": answer, "duration_ms": duration_ms, "next": next, "project": project},
         )
+
+
+def client_from_env(url: str, token_env: str, who: str = "the human labeller",
+                    error: type[PalateError] = ConfigError) -> FeedbackClient:
+    """A client with the admin token from ``$token_env``, or ``error`` saying how to make one.
+
+    One place for what every training-side user of the service (control preferences, LM labelling,
+    LM evaluation by people) needs before it may create tasks.
+    """
+    token = os.environ.get(token_env)
+    if not token:
+        raise error(
+            f"{who} needs the feedback service's admin token in ${token_env}; create one with "
+            "`palate feedback create-token --db DB --name trainer --role admin --all-projects` and export it"
+        )
+    return FeedbackClient(url, token)

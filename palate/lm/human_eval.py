@@ -27,7 +27,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -238,14 +237,9 @@ def collect_answers(client: Any, project: str, pairs: list[dict[str, Any]], redu
 
 
 def _client(cfg: EvalConfig) -> Any:
-    from palate.feedback.client import FeedbackClient
+    from palate.feedback.client import client_from_env
 
-    token = os.environ.get(cfg.feedback_token_env)
-    if not token:
-        raise ConfigError(
-            f"the human judge needs the feedback service's admin token in ${cfg.feedback_token_env}; create one "
-            "with `palate feedback create-token --db DB --name trainer --role admin --all-projects` and export it")
-    return FeedbackClient(cfg.feedback_url, token)
+    return client_from_env(cfg.feedback_url, cfg.feedback_token_env, "the human judge")
 
 
 def _load_pairs(path: Path, cfg: EvalConfig, project: str) -> dict[str, Any] | None:

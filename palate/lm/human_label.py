@@ -79,15 +79,9 @@ def manifest_path(out: str | os.PathLike[str]) -> Path:
 
 def feedback_client(url: str, token_env: str) -> Any:
     """A :class:`~palate.feedback.client.FeedbackClient` with the admin token from ``$token_env``."""
-    from palate.feedback.client import FeedbackClient
+    from palate.feedback.client import client_from_env
 
-    token = os.environ.get(token_env)
-    if not token:
-        raise ConfigError(
-            f"the human labeller needs the feedback service's admin token in ${token_env}; create one with "
-            "`palate feedback create-token --db DB --name trainer --role admin --all-projects` and export it"
-        )
-    return FeedbackClient(url, token)
+    return client_from_env(url, token_env, "the human labeller")
 
 
 class RankingQueue:

@@ -106,20 +106,12 @@ class PreferenceTrainer(TrainerCheckpoint):
         if cfg.labeller == "synthetic":
             return SyntheticOracle(cfg.temperature, cfg.oracle_error_rate, np.random.default_rng(cfg.seed + 1),
                                    equal_margin=cfg.oracle_equal_margin)
-        import os
 
-        from palate.feedback.client import FeedbackClient
+        from palate.feedback.client import client_from_env
         from palate.preferences.labellers import HumanLabeller
         from palate.preferences.render import SegmentRenderer
 
-        token = os.environ.get(cfg.feedback_token_env)
-        if not token:
-            raise PreferenceError(
-                f"the human labeller needs the feedback service's admin token in ${cfg.feedback_token_env}; "
-                "create one with `palate feedback create-token --db DB --name trainer --role admin --all-projects` "
-                "and export it"
-            )
-        client = FeedbackClient(cfg.feedback_url, token)
+        client = client_from_env(cfg.feedback_url, cfg.feedback_token_env, "the human labeller", PreferenceError)
         return HumanLabeller(client, SegmentRenderer(cfg.env, self.env_factory), project=cfg.feedback_project or cfg.name)
 
     def _build_policy(self) -> Any:
