@@ -28,7 +28,7 @@ import torch
 from palate.errors import CheckpointError, ConfigError
 from palate.lm.config import EvalConfig
 from palate.lm.generation import decode_responses, response_logprobs, row_seed, sample
-from palate.lm.pretrain_text import lm_nll
+from palate.lm.pretrain_text import nll_sum
 from palate.runs import atomic_write_json, atomic_write_text, read_run_config, seed_everything
 
 log = logging.getLogger(__name__)
@@ -116,13 +116,7 @@ def _gather(accelerator: Any, items: list[Any]) -> list[Any]:
 def _perplexity(model: torch.nn.Module, blocks: torch.Tensor, accelerator: Any, batch_size: int = 8) -> float:
     """exp(mean token NLL) over ``blocks``, each process taking its shard of the blocks."""
     lo, hi = _shard(len(blocks), accelerator)
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(lo, hi, batch_size):
-        b = blocks[i:min(i + batch_size, hi)].to(device)
-        total += float(lm_nll(model, b)) * b.shape[0] * (b.shape[1] - 1)
-        count += b.shape[0] * (b.shape[1] - 1)
-    parts = _gather(accelerator, [(total, count)])
+    parts = _gather(accelerator, [nll_sum(model, blocks[lo:hi], batch_size)])
     return float(np.exp(sum(t for t, _ in parts) / max(sum(c for _, c in parts), 1)))
 
 

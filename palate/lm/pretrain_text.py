@@ -157,8 +157,8 @@ def lm_nll(model: torch.nn.Module, blocks: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
-    """exp(mean token NLL) over ``blocks``: InstructGPT's alignment tax when compared to the SFT model."""
+def nll_sum(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> tuple[float, int]:
+    """``(summed token NLL, tokens predicted)`` over ``blocks``; sums add up over shards of the blocks."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -170,4 +170,10 @@ def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8
             count += b.shape[0] * (b.shape[1] - 1)
     finally:
         model.train(was_training)
+    return total, count
+
+
+def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """exp(mean token NLL) over ``blocks``: InstructGPT's alignment tax when compared to the SFT model."""
+    total, count = nll_sum(model, blocks, batch_size)
     return float(torch.exp(torch.tensor(total / max(count, 1))))
