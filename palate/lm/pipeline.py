@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,26 @@ from palate.lm.config import PipelineConfig
 from palate.runs import atomic_write_json, read_run_config
 
 log = logging.getLogger(__name__)
+
+
+def warn_if_cpu_busy(threads: int) -> bool:
+    """Warn (and return True) when several torch threads start on a CPU that other jobs already load.
+
+    torch's OpenMP threads spin-wait for each other; where another job holds a core, a thread waits
+    for a time slice at every small matmul, and generation at batch 16 runs several times slower
+    than with one thread. On an idle machine every core is the fastest setting, so the presets use
+    them and this says when not to.
+    """
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return False
+    if threads > 1 and load >= 1.0:
+        log.warning("the CPU is already busy (load average %.1f, %d cores) and torch runs %d threads: they "
+                    "spin-wait on each other and may run several times slower than one; pass "
+                    "--torch-threads 1 (or torch_threads: 1 in the YAML)", load, os.cpu_count() or 0, threads)
+        return True
+    return False
 
 __all__ = ["PipelineConfig", "run_pipeline", "stage_done"]
 
@@ -157,6 +178,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     configs = stage_configs(cfg)  # a typo in any section fails now, not after an hour of SFT
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
+    warn_if_cpu_busy(torch.get_num_threads())
     root = cfg.root
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(root / "pipeline.json", config_to_dict(cfg))

@@ -90,3 +90,17 @@ def test_an_evaluation_by_people_still_waiting_is_not_a_done_stage(tmp_path):
     assert stage_done(tmp_path, "eval")
     summary.write_text(json.dumps({"win_rate": 0.6}))  # judged by the labeller alone
     assert stage_done(tmp_path, "eval")
+
+
+def test_warn_if_cpu_busy_names_the_fix(monkeypatch, caplog):
+    """Several threads on a loaded CPU get one warning that names --torch-threads 1; one thread or an
+    idle CPU get none."""
+    from palate.lm import pipeline
+
+    monkeypatch.setattr(pipeline.os, "getloadavg", lambda: (1.8, 1.5, 1.0))
+    with caplog.at_level("WARNING", logger="palate.lm.pipeline"):
+        assert pipeline.warn_if_cpu_busy(2)
+        assert not pipeline.warn_if_cpu_busy(1)
+    assert "--torch-threads 1" in caplog.text and caplog.text.count("busy") == 1
+    monkeypatch.setattr(pipeline.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert not pipeline.warn_if_cpu_busy(2)
