@@ -29,6 +29,8 @@ from palate.runs import atomic_write_json, read_run_config
 
 log = logging.getLogger(__name__)
 
+__all__ = ["PipelineConfig", "run_pipeline", "stage_done", "warn_if_cpu_busy"]
+
 
 def warn_if_cpu_busy(threads: int) -> bool:
     """Warn (and return True) when several torch threads start on a CPU that other jobs already load.
@@ -48,8 +50,6 @@ def warn_if_cpu_busy(threads: int) -> bool:
                     "--torch-threads 1 (or torch_threads: 1 in the YAML)", load, os.cpu_count() or 0, threads)
         return True
     return False
-
-__all__ = ["PipelineConfig", "run_pipeline", "stage_done"]
 
 
 def stage_done(root: Path, stage: str) -> bool:
