@@ -203,6 +203,9 @@ class LMPPOConfig:
     kl_target: float = doc_field(6.0, "KL_target in nats per completion for the adaptive controller")
     kl_horizon: int = doc_field(10000, "horizon H of the adaptive controller, in samples")
     k_beta: float = doc_field(0.1, "K_beta: gain of the adaptive controller")
+    kl_budget: float | None = doc_field(
+        None, "stop training, before updating on a batch, once the mean KL to the reference of the last "
+        "2 rollout batches exceeds this many nats per completion (null = run every iteration)")
     missing_eos_penalty: float = doc_field(0.0, "subtracted from the score of completions without EOS (0 = off)")
     gamma: float = doc_field(1.0, "discount over tokens (gamma of GAE; not the ptx coefficient)")
     lam: float = doc_field(0.95, "GAE lambda over tokens")
@@ -264,6 +267,8 @@ class LMPPOConfig:
     def validate(self) -> None:
         if (self.reward_model is None) == (self.reward_fn is None):
             raise ConfigError("set exactly one of reward_model (an RM run dir) or reward_fn (a task name)")
+        if self.kl_budget is not None and self.kl_budget <= 0:
+            raise ConfigError(f"ppo: kl_budget must be > 0 nats (or null for no budget), got {self.kl_budget}")
         if self.batch_size % self.mini_batch_size:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})")
         if self.mini_batch_size % self.gradient_accumulation_steps:

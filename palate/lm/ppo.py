@@ -167,6 +167,9 @@ class LMPPOTrainer(PPOCheckpointMixin):
         self.ptx = PretrainBatches(ptx_blocks, cfg.ptx_batch_size, cfg.seed) if cfg.ptx_coef > 0 else None
         self.update_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.iteration = 0
+        # The KL budget: the batch-mean KLs seen so far, and why (and where) training stopped early.
+        self.kl_history: list[float] = []
+        self.stopped: dict[str, Any] | None = None
         self.max_new_tokens = cfg.max_new_tokens or 24
         self._generation_s = 0.0
 
@@ -377,13 +380,37 @@ class LMPPOTrainer(PPOCheckpointMixin):
 
     # -- one iteration and the loop ----------------------------------------------------------
 
+    def over_kl_budget(self, kl: float) -> bool:
+        """Whether a batch of mean KL ``kl`` takes the run past ``kl_budget``.
+
+        The mean of the last two batches, not one batch's 16-sample estimate, so that a single noisy
+        batch does not end the run; the policy kept is the one that drew the batch, not updated on it.
+        """
+        budget = self.cfg.kl_budget
+        if budget is None:
+            return False
+        recent = (self.kl_history[-1:] + [kl])
+        return sum(recent) / len(recent) > budget
+
     def step(self) -> tuple[dict[str, float], Rollout]:
-        """One rollout + update + beta adaptation; returns metrics with the palate/CleanRL names."""
+        """One rollout + update + beta adaptation; returns metrics with the palate/CleanRL names.
+
+        Past ``kl_budget`` the update is skipped: ``self.stopped`` is set and the metrics are the
+        rollout's alone (``train`` then ends the run).
+        """
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         ro = self.rollout()
         t1 = time.perf_counter()
+        rollout_kl = float(ro.kl.sum(1).mean())
+        if self.over_kl_budget(rollout_kl):
+            recent = self.kl_history[-1:] + [rollout_kl]
+            self.stopped = {"reason": "kl_budget", "iteration": self.iteration, "kl": rollout_kl,
+                            "mean_kl_last_2": sum(recent) / len(recent), "kl_budget": self.cfg.kl_budget}
+            return {"objective/reward": float(ro.scores.mean()), "objective/kl": rollout_kl,
+                    "objective/kl_coef": self.kl_ctl.kl_coef, "time/rollout_s": t1 - t0}, ro
+        self.kl_history.append(rollout_kl)
         upd = self.update(ro)
         t2 = time.perf_counter()
         perf = self._throughput(ro, upd["epochs"], t2 - t1)
@@ -455,7 +482,7 @@ class LMPPOTrainer(PPOCheckpointMixin):
         start_time = time.perf_counter()
         last: dict[str, float] = {}
         try:
-            while self.iteration < cfg.iterations:
+            while self.iteration < cfg.iterations and self.stopped is None:
                 # Online collection (Ziegler et al.): before iterations M, 2M, ... so a resumed run,
                 # whose checkpoint follows an update, runs the round it had not reached yet.
                 if self.online is not None and cfg.online_every and self.iteration > 0 \
@@ -464,6 +491,15 @@ class LMPPOTrainer(PPOCheckpointMixin):
                     if logger:
                         logger.log(self.iteration, {"phase": "online", **online_metrics})
                 metrics, ro = self.step()
+                if self.stopped is not None:
+                    if self.accelerator.is_main_process:
+                        log.info("stopping before iteration %d's update: mean KL of the last 2 batches %.2f > "
+                                 "kl_budget %.2f nats; the policy is the one after iteration %d",
+                                 self.iteration + 1, self.stopped["mean_kl_last_2"], cfg.kl_budget, self.iteration)
+                        if logger:
+                            logger.log(self.iteration, {"phase": "stop", **metrics})
+                    self.save_checkpoint(run_dir)
+                    break
                 last = metrics
                 if logger:
                     logger.log(self.iteration, {"phase": "ppo", **metrics})
@@ -484,6 +520,7 @@ class LMPPOTrainer(PPOCheckpointMixin):
                 logger.close()
         self.save_model(run_dir / "model")
         summary = {"iterations": self.iteration, "final": last, "kl_coef": self.kl_ctl.kl_coef,
+                   "stopped": self.stopped,
                    "num_processes": self.accelerator.num_processes, "wall_s": time.perf_counter() - start_time}
         if self.accelerator.is_main_process:
             atomic_write_json(run_dir / "summary.json", summary)

@@ -37,6 +37,8 @@ class PPOCheckpointMixin:
             "update_generator": self.update_generator.get_state(),
             "rng": rng_state(),
             "online": self.online.state_dict() if self.online is not None else None,
+            "kl_history": list(self.kl_history),
+            "stopped": self.stopped,
         }
         atomic_torch_save(state, run_dir / "checkpoint.pt")
 
@@ -60,6 +62,8 @@ class PPOCheckpointMixin:
         if self.online is not None and state.get("online") is not None:
             self.online.load_state_dict(state["online"])
         self.iteration = int(state["iteration"])
+        self.kl_history = [float(k) for k in state.get("kl_history", [])]
+        self.stopped = state.get("stopped")
 
     def save_model(self, directory: Path) -> Path:
         """The trained policy as a plain transformers directory (LoRA merged) + tokenizer, atomically."""

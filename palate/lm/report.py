@@ -21,6 +21,14 @@ from palate.runs import atomic_write_text
 log = logging.getLogger(__name__)
 
 
+def _kl_budget_note(stopped: dict[str, Any] | None) -> str:
+    """Where a PPO run stopped at its KL budget, said in the stage table (empty if it ran through)."""
+    if not stopped or stopped.get("reason") != "kl_budget":
+        return ""
+    return (f"; stopped at its KL budget before iteration {stopped['iteration'] + 1}'s update (mean KL of the "
+            f"last 2 batches {_fmt(stopped.get('mean_kl_last_2'))} > {_fmt(stopped.get('kl_budget'))} nats)")
+
+
 def _json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -297,7 +305,8 @@ def write_report(root: str | Path, n_samples: int = 6) -> Path:
         "sft": f"{sft.get('train_examples')} demonstrations, val loss {_fmt(sft.get('sft/val_loss'))}" if sft else "",
         "rm": f"val accuracy {_fmt(rm.get('rm/val_accuracy'))}, held-out labeller accuracy {_fmt(rm.get('rm/held_out_accuracy'))}" if rm else "",
         "ppo": (f"{ppo.get('iterations')} iterations, {sum(m.get('time/rollout_s', 0) + m.get('time/update_s', 0) for m in metrics):.0f} s "
-                f"of rollout + update (all sessions, if resumed), final beta {_fmt(ppo.get('kl_coef'), 4)}") if ppo else "",
+                f"of rollout + update (all sessions, if resumed), final beta {_fmt(ppo.get('kl_coef'), 4)}"
+                + _kl_budget_note(ppo.get("stopped"))) if ppo else "",
         "eval": f"{evaluation.get('n_comparisons')} comparisons on the {evaluation.get('split')} split" if evaluation else "",
         "dpo_eval": f"{dpo_eval.get('n_comparisons')} comparisons on the {dpo_eval.get('split')} split" if dpo_eval else "",
     }

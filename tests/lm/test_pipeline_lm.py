@@ -104,3 +104,11 @@ def test_warn_if_cpu_busy_names_the_fix(monkeypatch, caplog):
     assert "--torch-threads 1" in caplog.text and caplog.text.count("busy") == 1
     monkeypatch.setattr(pipeline.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
     assert not pipeline.warn_if_cpu_busy(2)
+
+
+def test_report_names_the_iteration_where_ppo_hit_its_kl_budget():
+    from palate.lm.report import _kl_budget_note
+
+    assert _kl_budget_note(None) == ""
+    note = _kl_budget_note({"reason": "kl_budget", "iteration": 19, "kl": 9.8, "mean_kl_last_2": 9.4, "kl_budget": 9.0})
+    assert "before iteration 20's update" in note and "9.400 > 9.000" in note

@@ -105,7 +105,8 @@ def test_missing_eos_penalty_applies_only_to_unfinished_completions():
 
 @pytest.mark.slow
 def test_tiny_ppo_raises_a_simple_reward():
-    cfg = LMPPOConfig(reward_fn="x", batch_size=16, mini_batch_size=8, iterations=10, learning_rate=3e-3,
+    # 14 iterations: at 10 the reward had only begun to climb on some CPUs' kernels (0.5 -> 1.4).
+    cfg = LMPPOConfig(reward_fn="x", batch_size=16, mini_batch_size=8, iterations=14, learning_rate=3e-3,
                       max_new_tokens=12, kl_coef=0.01, adaptive_kl=False, device="cpu", ppo_epochs=4, seed=0)
     trainer = make_trainer(cfg)
     rewards = [trainer.step()[0]["objective/reward"] for _ in range(cfg.iterations)]
@@ -209,3 +210,32 @@ def test_contiguous_head_input_keeps_logits_and_installs_once():
     contiguous_head_input(contiguous_head_input(model))
     assert len(model.lm_head._forward_pre_hooks) == 1
     torch.testing.assert_close(model(ids, **keep_response_logits(model, 3)).logits, before)
+
+
+def test_kl_budget_stops_before_the_update_that_would_pass_it_and_stays_stopped_on_resume(tmp_path):
+    cfg = LMPPOConfig(reward_fn="x", batch_size=4, mini_batch_size=2, iterations=4, learning_rate=3e-3,
+                      max_new_tokens=5, device="cpu", ppo_epochs=2, save_every=1, adaptive_kl=False,
+                      kl_coef=0.0, kl_budget=1e-4)
+    budgeted = make_trainer(cfg)
+    summary = budgeted.train(tmp_path / "budget")
+    # Iteration 1 samples the reference itself (KL 0); its update moves the policy, so the second
+    # batch takes the 2-batch mean past the budget and that batch is not trained on.
+    assert summary["iterations"] == 1
+    assert summary["stopped"]["reason"] == "kl_budget" and summary["stopped"]["iteration"] == 1
+    assert summary["stopped"]["mean_kl_last_2"] > cfg.kl_budget
+    one = make_trainer(dataclasses.replace(cfg, iterations=1, kl_budget=None))
+    one.train(tmp_path / "one")
+    kept, reference = budgeted._trainable_state(), one._trainable_state()
+    assert all(torch.equal(kept[n], reference[n]) for n in reference)
+    resumed = make_trainer(cfg)
+    assert resumed.train(tmp_path / "budget", resume=True)["iterations"] == 1
+    from palate.lm.ppo import read_metrics
+
+    assert [r["step"] for r in read_metrics(tmp_path / "budget")] == [1]
+
+
+def test_kl_budget_must_be_positive():
+    from palate.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="kl_budget"):
+        LMPPOConfig(reward_fn="x", kl_budget=0.0).validate()
