@@ -90,3 +90,37 @@ class AdaptiveKLController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.kl_coef = float(state["kl_coef"])
+
+
+class KLBudget:
+    """A whole run's KL budget: stop before the update that would take the policy past it.
+
+    The mean of the last two batches' KL, not one batch's small-sample estimate, decides, so that a
+    single noisy batch does not end a run; the policy kept is the one that drew the batch. A fixed
+    beta leaves the final KL to the seed; a budget bounds it without changing runs that stay below.
+    """
+
+    def __init__(self, budget: float | None) -> None:
+        if budget is not None and budget <= 0:
+            raise ValueError(f"KLBudget: budget ({budget}) must be > 0 nats, or None for no budget")
+        self.budget = budget
+        self.history: list[float] = []
+        self.stopped: dict[str, float | int | str] | None = None
+
+    def check(self, kl: float, iteration: int) -> bool:
+        """Record a batch's mean KL; True (and ``stopped`` set) when it takes the 2-batch mean past the budget."""
+        recent = self.history[-1:] + [kl]
+        mean = sum(recent) / len(recent)
+        if self.budget is not None and mean > self.budget:
+            self.stopped = {"reason": "kl_budget", "iteration": iteration, "kl": kl,
+                            "mean_kl_last_2": mean, "kl_budget": self.budget}
+            return True
+        self.history.append(kl)
+        return False
+
+    def state_dict(self) -> dict[str, object]:
+        return {"history": list(self.history), "stopped": self.stopped}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.history = [float(k) for k in state.get("history", [])]  # type: ignore[union-attr]
+        self.stopped = state.get("stopped")  # type: ignore[assignment]

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from palate.core.advantages import gae_masked
-from palate.core.kl import AdaptiveKLController, FixedKLController, kl_shaped_rewards
+from palate.core.kl import AdaptiveKLController, FixedKLController, KLBudget, kl_shaped_rewards
 from palate.core.ppo import clipped_surrogate_loss, value_loss
 from palate.core.stats import explained_variance, masked_mean, whiten
 from palate.errors import ConfigError
@@ -51,7 +51,7 @@ from palate.lm.generation import (
     logits_to_logprobs,
     row_seed,
 )
-from palate.lm.ppo_checkpoint import PPOCheckpointMixin
+from palate.lm.ppo_checkpoint import PPOCheckpointMixin, read_metrics
 from palate.lm.pretrain_text import PretrainBatches
 from palate.lm.rollout import (
     PromptSampler,
@@ -167,9 +167,7 @@ class LMPPOTrainer(PPOCheckpointMixin):
         self.ptx = PretrainBatches(ptx_blocks, cfg.ptx_batch_size, cfg.seed) if cfg.ptx_coef > 0 else None
         self.update_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.iteration = 0
-        # The KL budget: the batch-mean KLs seen so far, and why (and where) training stopped early.
-        self.kl_history: list[float] = []
-        self.stopped: dict[str, Any] | None = None
+        self.kl_budget = KLBudget(cfg.kl_budget)
         self.max_new_tokens = cfg.max_new_tokens or 24
         self._generation_s = 0.0
 
@@ -380,23 +378,11 @@ class LMPPOTrainer(PPOCheckpointMixin):
 
     # -- one iteration and the loop ----------------------------------------------------------
 
-    def over_kl_budget(self, kl: float) -> bool:
-        """Whether a batch of mean KL ``kl`` takes the run past ``kl_budget``.
-
-        The mean of the last two batches, not one batch's 16-sample estimate, so that a single noisy
-        batch does not end the run; the policy kept is the one that drew the batch, not updated on it.
-        """
-        budget = self.cfg.kl_budget
-        if budget is None:
-            return False
-        recent = (self.kl_history[-1:] + [kl])
-        return sum(recent) / len(recent) > budget
-
     def step(self) -> tuple[dict[str, float], Rollout]:
         """One rollout + update + beta adaptation; returns metrics with the palate/CleanRL names.
 
         Past ``kl_budget`` the update is skipped: ``self.stopped`` is set and the metrics are the
-        rollout's alone (``train`` then ends the run).
+        rollout's alone (``train`` then ends the run; :class:`palate.core.kl.KLBudget`).
         """
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -404,13 +390,9 @@ class LMPPOTrainer(PPOCheckpointMixin):
         ro = self.rollout()
         t1 = time.perf_counter()
         rollout_kl = float(ro.kl.sum(1).mean())
-        if self.over_kl_budget(rollout_kl):
-            recent = self.kl_history[-1:] + [rollout_kl]
-            self.stopped = {"reason": "kl_budget", "iteration": self.iteration, "kl": rollout_kl,
-                            "mean_kl_last_2": sum(recent) / len(recent), "kl_budget": self.cfg.kl_budget}
+        if self.kl_budget.check(rollout_kl, self.iteration):
             return {"objective/reward": float(ro.scores.mean()), "objective/kl": rollout_kl,
                     "objective/kl_coef": self.kl_ctl.kl_coef, "time/rollout_s": t1 - t0}, ro
-        self.kl_history.append(rollout_kl)
         upd = self.update(ro)
         t2 = time.perf_counter()
         perf = self._throughput(ro, upd["epochs"], t2 - t1)
@@ -527,21 +509,10 @@ class LMPPOTrainer(PPOCheckpointMixin):
         self.accelerator.wait_for_everyone()  # the run is complete on disk before any process returns
         return summary
 
-
-def read_metrics(run_dir: str | Path, phase: str | None = "ppo") -> list[dict[str, Any]]:
-    """The run's metrics.jsonl records (of one phase), for reports and tests."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if phase is None or rec.get("phase", "ppo") == phase:
-            out.append(rec)
-    return out
+    @property
+    def stopped(self) -> dict[str, Any] | None:
+        """Why and where training stopped before ``iterations`` (the KL budget), or None."""
+        return self.kl_budget.stopped
 
 
 def __getattr__(name: str) -> Any:

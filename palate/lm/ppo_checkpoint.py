@@ -8,7 +8,9 @@ resumes under any number of processes. A mixin of :class:`palate.lm.ppo.LMPPOTra
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,8 +39,7 @@ class PPOCheckpointMixin:
             "update_generator": self.update_generator.get_state(),
             "rng": rng_state(),
             "online": self.online.state_dict() if self.online is not None else None,
-            "kl_history": list(self.kl_history),
-            "stopped": self.stopped,
+            "kl_budget": self.kl_budget.state_dict(),
         }
         atomic_torch_save(state, run_dir / "checkpoint.pt")
 
@@ -62,11 +63,26 @@ class PPOCheckpointMixin:
         if self.online is not None and state.get("online") is not None:
             self.online.load_state_dict(state["online"])
         self.iteration = int(state["iteration"])
-        self.kl_history = [float(k) for k in state.get("kl_history", [])]
-        self.stopped = state.get("stopped")
+        self.kl_budget.load_state_dict(state.get("kl_budget", {}))
 
     def save_model(self, directory: Path) -> Path:
         """The trained policy as a plain transformers directory (LoRA merged) + tokenizer, atomically."""
         if not self.accelerator.is_main_process:
             return directory
         return save_causal_lm(self.unwrapped.policy, self.tokenizer, directory)
+
+
+def read_metrics(run_dir: str | Path, phase: str | None = "ppo") -> list[dict[str, Any]]:
+    """The run's metrics.jsonl records (of one phase), for reports and tests."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if phase is None or rec.get("phase", "ppo") == phase:
+            out.append(rec)
+    return out

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from palate.core.kl import AdaptiveKLController, FixedKLController, kl_k3, kl_shaped_rewards
@@ -32,3 +33,19 @@ def test_adaptive_controller_moves_beta_towards_target():
     down = ctl2.update(kl=3.0, n_steps=256)  # error -0.5 clipped to -0.2
     assert down < 0.2
     assert FixedKLController(0.05).update(100.0, 256) == 0.05
+
+
+def test_kl_budget_stops_on_the_two_batch_mean_and_round_trips_its_state():
+    from palate.core.kl import KLBudget
+
+    budget = KLBudget(9.0)
+    assert not budget.check(8.0, 0) and not budget.check(9.5, 1)  # means 8.0, 8.75
+    assert budget.check(9.2, 2)  # mean of 9.5 and 9.2 is 9.35 > 9
+    assert budget.stopped["iteration"] == 2 and budget.stopped["mean_kl_last_2"] == pytest.approx(9.35)
+    assert budget.history == [8.0, 9.5]  # the batch past the budget is not recorded as trained on
+    again = KLBudget(9.0)
+    again.load_state_dict(budget.state_dict())
+    assert again.history == budget.history and again.stopped == budget.stopped
+    assert not KLBudget(None).check(1e9, 0)
+    with pytest.raises(ValueError, match="budget"):
+        KLBudget(0.0)
