@@ -147,6 +147,21 @@ class MetricsLogger:
             self._tb.close()
 
 
+def read_jsonl_records(path: str | Path) -> list[dict[str, Any]]:
+    """A run's JSONL log (metrics, samples) as records; [] if absent. A line torn by a crash is skipped,
+    so a report or resume reads what was written whole."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 def truncate_metrics(run_dir: str | Path, after_step: int) -> None:
     """Drop metrics records past ``after_step`` (a resumed run re-logs them), atomically."""
     path = Path(run_dir) / "metrics.jsonl"

@@ -134,12 +134,8 @@ def check_settings(settings: dict[str, Any], arms: tuple[str, ...]) -> None:
                              f"must be a multiple of --{key.replace('_', '-')} ({s[key]})")
 
 
-
-
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 
 
 # ---------------------------------------------------------------------------------- arms

@@ -8,7 +8,6 @@ resumes under any number of processes. A mixin of :class:`palate.lm.ppo.LMPPOTra
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 
 from palate.errors import CheckpointError
 from palate.lm.sft import save_causal_lm
-from palate.runs import atomic_torch_save, rng_state, set_rng_state
+from palate.runs import atomic_torch_save, read_jsonl_records, rng_state, set_rng_state
 
 
 class PPOCheckpointMixin:
@@ -74,15 +73,5 @@ class PPOCheckpointMixin:
 
 def read_metrics(run_dir: str | Path, phase: str | None = "ppo") -> list[dict[str, Any]]:
     """The run's metrics.jsonl records (of one phase), for reports and tests."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if phase is None or rec.get("phase", "ppo") == phase:
-            out.append(rec)
-    return out
+    records = read_jsonl_records(Path(run_dir) / "metrics.jsonl")
+    return [r for r in records if phase is None or r.get("phase", "ppo") == phase]

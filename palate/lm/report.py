@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from palate.lm.config import PIPELINE_STAGES
-from palate.runs import atomic_write_text
+from palate.runs import atomic_write_text, read_jsonl_records
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +31,6 @@ def _kl_budget_note(stopped: dict[str, Any] | None) -> str:
 
 def _json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -220,19 +208,19 @@ def write_report(root: str | Path, n_samples: int = 6) -> Path:
     metrics = read_metrics(root / "ppo")
     online = read_metrics(root / "ppo", phase="online")
     evaluation = _json(root / "eval" / "summary.json")
-    samples = _jsonl(root / "eval" / "samples.jsonl")
+    samples = read_jsonl_records(root / "eval" / "samples.jsonl")
     timings = _json(root / "timings.json")
     sft, rm, ppo = _json(root / "sft" / "summary.json"), _json(root / "rm" / "summary.json"), _json(root / "ppo" / "summary.json")
     pipeline = _json(root / "pipeline.json")
     bon = _json(root / "bon" / "summary.json")
     dpo_eval = _json(root / "dpo_eval" / "summary.json")
-    dpo_samples = _jsonl(root / "dpo_eval" / "samples.jsonl")
+    dpo_samples = read_jsonl_records(root / "dpo_eval" / "samples.jsonl")
     judge = None
     if pipeline.get("task"):
         from palate.data.tasks import load_task
 
         judge = load_task(pipeline["task"]).panel.held_out
-    points = _ppo_points(_jsonl(root / "ppo" / "samples.jsonl"), judge) if judge is not None else []
+    points = _ppo_points(read_jsonl_records(root / "ppo" / "samples.jsonl"), judge) if judge is not None else []
 
     plots = {
         "training": plot_training(metrics, root / "reward_kl.png"),
