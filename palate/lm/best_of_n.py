@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import time
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,7 @@ def best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
     from palate.data.tasks import load_task
     from palate.lm.evaluate import sample_batches
     from palate.lm.formatting import encode_prompt_completion
+    from palate.lm.generation import row_seed
     from palate.lm.models import load_model
     from palate.lm.reward_model import RewardModel
     from palate.runs import seed_everything
@@ -103,8 +105,11 @@ def best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
     flat = [p for p in prompts for _ in range(cfg.n)]
     ids = [encode_prompt_completion(tokenizer, p, "", task.chat, 128, add_eos=False)["input_ids"] for p in flat]
     seed_everything(cfg.seed)
+    # One generator per sample (seeded by its place in the pool): the pool does not depend on batch_size.
+    stream = zlib.crc32(f"best_of_n/{cfg.split}".encode()) & 0x7FFFFFFF
     with torch.no_grad():
-        _, texts = sample_batches(model, tokenizer, ids, max_new, cfg.temperature, cfg.batch_size)
+        _, texts = sample_batches(model, tokenizer, ids, max_new, cfg.temperature, cfg.batch_size,
+                                  row_seeds=[row_seed(cfg.seed, stream, i) for i in range(len(ids))])
         proxy = rm.score_texts(flat, texts, tokenizer, batch_size=16).numpy().reshape(len(prompts), cfg.n)
     judge = task.panel.held_out
     gold = np.array([judge.score(p, t) for p, t in zip(flat, texts)]).reshape(len(prompts), cfg.n)

@@ -372,6 +372,8 @@ class BestOfNConfig:
             raise ConfigError("bon: set model (the SFT model) and reward_model (a palate lm rm run)")
         if not self.out:
             raise ConfigError("bon: set out, the directory the results are written to")
+        if self.temperature <= 0:
+            raise ConfigError(f"bon: temperature must be > 0 (best-of-N needs N different samples), got {self.temperature}")
 
 
 PIPELINE_STAGES = ("demos", "sft", "label", "rm", "ppo", "eval", "bon", "dpo", "dpo_eval", "report")

@@ -27,7 +27,16 @@ import torch
 
 from palate.errors import CheckpointError, ConfigError
 from palate.lm.config import EvalConfig
-from palate.lm.generation import decode_responses, response_logprobs, row_seed, sample
+from palate.lm.generation import (
+    decode_responses,
+    keep_response_logits,
+    logits_to_logprobs,
+    position_ids_from_mask,
+    row_seed,
+    sample,
+    sample_traced,
+    take_response_logits,
+)
 from palate.lm.pretrain_text import nll_sum
 from palate.runs import atomic_write_json, atomic_write_text, read_run_config, seed_everything
 
@@ -95,6 +104,52 @@ def sample_batches(model: torch.nn.Module, tokenizer, prompt_ids: Sequence[list[
     return batches, texts
 
 
+def _policy_kl(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer, prompt_ids: Sequence[list[int]],
+               max_new_tokens: int, temperature: float, batch_size: int,
+               row_seeds: Sequence[int]) -> tuple[list[Any], list[str], list[float]]:
+    """The policy's samples (as :func:`sample_batches`) and each one's KL to the reference, in nats.
+
+    log pi comes from the logits the tokens were drawn from (no second policy pass). When the two
+    models share their lower blocks bit for bit (a policy trained with ``trainable_layers``), the
+    reference runs only its top blocks, from the hidden state the policy's generation captured
+    there (:mod:`palate.lm.prefix`): on SmolLM2 with 6 trained blocks, a fifth of a full pass.
+    """
+    from palate.lm.prefix import forward_suffix, shared_blocks, suffix_matches
+
+    device = next(policy.parameters()).device
+    start = min(shared_blocks(policy, reference), len(decoder_layers(policy)) - 1)
+    if start and not suffix_matches(reference, start, int(reference.config.vocab_size), device):
+        start = 0
+    log.info("KL to the reference: log pi from generation; the reference %s",
+             f"from block {start} (blocks below are the policy's)" if start else "runs a full pass")
+    batches, texts, kls = [], [], []
+    for i in range(0, len(prompt_ids), batch_size):
+        b, trace = sample_traced(policy, tokenizer, prompt_ids[i:i + batch_size], max_new_tokens, temperature,
+                                 capture_block=start or None, row_seeds=row_seeds[i:i + batch_size])
+        batches.append(b)
+        texts += decode_responses(tokenizer, b)
+        mb, r = b.to(device), b.response_ids.shape[1]
+        kwargs = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                      position_ids=position_ids_from_mask(mb.attention_mask), use_cache=False,
+                      **keep_response_logits(reference, r))
+        with torch.no_grad():
+            out = (forward_suffix(reference, trace.hidden.to(device), start, **kwargs) if start
+                   else reference(**kwargs))
+            ref_logp, _ = logits_to_logprobs(take_response_logits(out.logits, r), mb.response_ids, temperature)
+        del out
+        ref_logp = (ref_logp * mb.response_mask.to(ref_logp.dtype)).cpu()
+        kls += (trace.logprobs - ref_logp).sum(1).tolist()
+    return batches, texts, kls
+
+
+def decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
+    """The model's decoder block list (empty when it has none :mod:`palate.lm.prefix` can find)."""
+    from palate.lm.prefix import decoder_base
+
+    base = decoder_base(model)
+    return base.layers if base is not None else []
+
+
 def _shard(n: int, accelerator: Any) -> tuple[int, int]:
     """Rows ``[lo, hi)`` of ``n`` that this process evaluates: contiguous, in rank order, the last may be short."""
     if accelerator is None or accelerator.num_processes == 1:
@@ -152,15 +207,10 @@ def evaluate_models(
     ids = [encode_prompt(p) for p in flat]
     lo, hi = _shard(len(ids), accelerator)
     seed_everything(seed)
-    pol_batches, pol_texts = sample_batches(policy, tokenizer, ids[lo:hi], max_new_tokens, temperature, batch_size,
-                                            row_seeds=[row_seed(seed, 0, i) for i in range(lo, hi)])
+    pol_batches, pol_texts, kls = _policy_kl(policy, reference, tokenizer, ids[lo:hi], max_new_tokens, temperature,
+                                             batch_size, [row_seed(seed, 0, i) for i in range(lo, hi)])
     ref_batches, ref_texts = sample_batches(reference, tokenizer, ids[lo:hi], max_new_tokens, temperature,
                                             batch_size, row_seeds=[row_seed(seed, 1, i) for i in range(lo, hi)])
-    kls: list[float] = []
-    for b in pol_batches:
-        device = next(policy.parameters()).device
-        b = b.to(device)
-        kls += (response_logprobs(policy, b, temperature) - response_logprobs(reference, b, temperature)).sum(1).tolist()
 
     def rows(batches: list[Any], attr: str) -> list[Any]:
         return [v for b in batches for v in (getattr(b, attr).sum(1) if attr == "response_mask"

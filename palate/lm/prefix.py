@@ -82,6 +82,24 @@ def prefix_equal(a: nn.Module, b: nn.Module, start: int) -> bool:
     return True
 
 
+def shared_blocks(a: nn.Module, b: nn.Module) -> int:
+    """How many leading decoder blocks two models share bit for bit (0 when the embeddings differ).
+
+    A PPO policy trained with ``trainable_layers: N`` shares all but its top N blocks with its SFT
+    reference, so the reference can start from the policy's hidden state there.
+    """
+    base_a, base_b = decoder_base(a), decoder_base(b)
+    if base_a is None or base_b is None or len(base_a.layers) != len(base_b.layers) or not prefix_equal(a, b, 0):
+        return 0
+    shared = 0
+    for la, lb in zip(base_a.layers, base_b.layers):
+        pa, pb = dict(la.named_parameters()), dict(lb.named_parameters())
+        if pa.keys() != pb.keys() or any(not torch.equal(pa[k], pb[k]) for k in pa):
+            break
+        shared += 1
+    return shared
+
+
 def prefix_frozen(model: nn.Module, start: int) -> bool:
     """True when nothing below block ``start`` (embeddings included) requires grad."""
     base = decoder_base(model)

@@ -70,3 +70,27 @@ def test_evaluate_identical_models_then_a_moved_policy():
     metrics, _ = run(moved)
     assert metrics["kl"] > 0.01
     assert metrics["perplexity"] != pytest.approx(metrics["perplexity_reference"])
+
+
+@pytest.mark.parametrize("moved_block", [0, -1])
+def test_kl_from_the_generation_trace_and_shared_prefix_equals_two_full_passes(moved_block):
+    """The eval's KL reads log pi off generation and, when only the top blocks moved, runs the reference
+    from the policy's hidden state there; it must equal log pi - log rho from two full forwards."""
+    from palate.lm.evaluate import _policy_kl
+    from palate.lm.generation import response_logprobs, row_seed
+    from palate.lm.prefix import shared_blocks
+
+    torch.manual_seed(0)
+    reference, tok = tiny_causal_lm()
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():
+        for p in policy.model.layers[moved_block].parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    n_layers = len(policy.model.layers)
+    assert shared_blocks(policy, reference) == (0 if moved_block == 0 else n_layers - 1)
+    ids = [tok.encode(p) for p in ["The movie was", "List three colours", "A"]]
+    batches, texts, kls = _policy_kl(policy, reference, tok, ids, 6, 1.0, 2, [row_seed(0, 0, i) for i in range(3)])
+    assert len(texts) == len(kls) == 3
+    full = [v for b in batches for v in (response_logprobs(policy, b) - response_logprobs(reference, b)).sum(1).tolist()]
+    assert kls == pytest.approx(full, abs=1e-4)
+    assert max(abs(k) for k in kls) > 1e-3

@@ -35,6 +35,20 @@ def test_demos_keep_the_panels_favourite_of_n(tiny_dir: Path, tmp_path: Path) ->
         assert d.meta["score"] == pytest.approx(mean, abs=1e-4) and d.meta["source"] == "best-of-3"
 
 
+def test_candidates_do_not_depend_on_the_batch_and_differ_by_stage(tiny_dir: Path) -> None:
+    from palate.lm.demos import _candidates
+
+    args = (str(tiny_dir), "", "sentiment", "train", 5, 3, 6, 1.0, 1.0)
+    _, prompts, by_two = _candidates(*args, 2, 0, "label")
+    _, _, by_all = _candidates(*args, 15, 0, "label")
+    assert len(by_two) == len(prompts) == 5 and all(len(g) == 3 for g in by_two)
+    assert by_two == by_all  # each completion draws from its own generator
+    _, _, demos = _candidates(*args, 15, 0, "demos")
+    _, _, other_seed = _candidates(*args, 15, 1, "label")
+    assert demos != by_all and other_seed != by_all
+    assert len({c for g in by_all for c in g}) > 5  # K different samples per prompt, not one repeated
+
+
 def test_label_all_labellers_including_held_out(tiny_dir: Path, tmp_path: Path) -> None:
     out = label_comparisons(LabelConfig(model=str(tiny_dir), task="instruct", split="validation", limit=2, k=3,
                                         labellers="all", max_new_tokens=5, out=str(tmp_path / "val.jsonl")))
