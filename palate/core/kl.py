@@ -96,7 +96,8 @@ class KLBudget:
     """A whole run's KL budget: stop before the update that would take the policy past it.
 
     The mean of the last two batches' KL, not one batch's small-sample estimate, decides, so that a
-    single noisy batch does not end a run; the policy kept is the one that drew the batch. A fixed
+    single noisy batch does not end a run; the trainer keeps the policy that drew the previous batch,
+    the last within the budget (:class:`palate.lm.ppo.LMPPOTrainer`). A fixed
     beta leaves the final KL to the seed; a budget bounds it without changing runs that stay below.
     """
 

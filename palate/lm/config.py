@@ -205,7 +205,8 @@ class LMPPOConfig:
     k_beta: float = doc_field(0.1, "K_beta: gain of the adaptive controller")
     kl_budget: float | None = doc_field(
         None, "stop training, before updating on a batch, once the mean KL to the reference of the last "
-        "2 rollout batches exceeds this many nats per completion (null = run every iteration)")
+        "2 rollout batches exceeds this many nats per completion, keeping the policy that drew the previous "
+        "batch (null = run every iteration)")
     missing_eos_penalty: float = doc_field(0.0, "subtracted from the score of completions without EOS (0 = off)")
     gamma: float = doc_field(1.0, "discount over tokens (gamma of GAE; not the ptx coefficient)")
     lam: float = doc_field(0.95, "GAE lambda over tokens")

@@ -168,6 +168,8 @@ class LMPPOTrainer(PPOCheckpointMixin):
         self.update_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.iteration = 0
         self.kl_budget = KLBudget(cfg.kl_budget)
+        # With a budget: the trainable weights that drew the last batch within it, restored at the stop.
+        self._within_budget: dict[str, torch.Tensor] | None = None
         self.max_new_tokens = cfg.max_new_tokens or 24
         self._generation_s = 0.0
 
@@ -381,8 +383,10 @@ class LMPPOTrainer(PPOCheckpointMixin):
     def step(self) -> tuple[dict[str, float], Rollout]:
         """One rollout + update + beta adaptation; returns metrics with the palate/CleanRL names.
 
-        Past ``kl_budget`` the update is skipped: ``self.stopped`` is set and the metrics are the
-        rollout's alone (``train`` then ends the run; :class:`palate.core.kl.KLBudget`).
+        Past ``kl_budget`` the update is skipped, the weights go back to the policy that drew the
+        previous batch (the last within the budget: one update can add several nats, so the policy
+        that drew the batch past it may itself be over), ``self.stopped`` is set and the metrics are
+        the rollout's alone (``train`` then ends the run; :class:`palate.core.kl.KLBudget`).
         """
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -391,8 +395,17 @@ class LMPPOTrainer(PPOCheckpointMixin):
         t1 = time.perf_counter()
         rollout_kl = float(ro.kl.sum(1).mean())
         if self.kl_budget.check(rollout_kl, self.iteration):
+            stopped = self.kl_budget.stopped
+            assert stopped is not None
+            if self._within_budget is not None:
+                self.unwrapped.load_state_dict(self._within_budget, strict=False)
+                stopped.update(policy_iteration=self.iteration - 1, policy_kl=self.kl_budget.history[-1])
+            else:  # the very first batch of the run is over the budget: nothing earlier to go back to
+                stopped.update(policy_iteration=self.iteration, policy_kl=rollout_kl)
             return {"objective/reward": float(ro.scores.mean()), "objective/kl": rollout_kl,
                     "objective/kl_coef": self.kl_ctl.kl_coef, "time/rollout_s": t1 - t0}, ro
+        if self.kl_budget.budget is not None:
+            self._within_budget = self._trainable_state()
         upd = self.update(ro)
         t2 = time.perf_counter()
         perf = self._throughput(ro, upd["epochs"], t2 - t1)
@@ -476,8 +489,9 @@ class LMPPOTrainer(PPOCheckpointMixin):
                 if self.stopped is not None:
                     if self.accelerator.is_main_process:
                         log.info("stopping before iteration %d's update: mean KL of the last 2 batches %.2f > "
-                                 "kl_budget %.2f nats; the policy is the one after iteration %d",
-                                 self.iteration + 1, self.stopped["mean_kl_last_2"], cfg.kl_budget, self.iteration)
+                                 "kl_budget %.2f nats; the policy is the one after iteration %d (its batch: "
+                                 "KL %.2f)", self.iteration + 1, self.stopped["mean_kl_last_2"], cfg.kl_budget,
+                                 self.stopped["policy_iteration"], self.stopped["policy_kl"])
                         if logger:
                             logger.log(self.iteration, {"phase": "stop", **metrics})
                     self.save_checkpoint(run_dir)

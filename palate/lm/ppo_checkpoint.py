@@ -39,6 +39,7 @@ class PPOCheckpointMixin:
             "rng": rng_state(),
             "online": self.online.state_dict() if self.online is not None else None,
             "kl_budget": self.kl_budget.state_dict(),
+            "within_budget": self._within_budget,
         }
         atomic_torch_save(state, run_dir / "checkpoint.pt")
 
@@ -63,6 +64,7 @@ class PPOCheckpointMixin:
             self.online.load_state_dict(state["online"])
         self.iteration = int(state["iteration"])
         self.kl_budget.load_state_dict(state.get("kl_budget", {}))
+        self._within_budget = state.get("within_budget")
 
     def save_model(self, directory: Path) -> Path:
         """The trained policy as a plain transformers directory (LoRA merged) + tokenizer, atomically."""

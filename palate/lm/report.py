@@ -26,7 +26,9 @@ def _kl_budget_note(stopped: dict[str, Any] | None) -> str:
     if not stopped or stopped.get("reason") != "kl_budget":
         return ""
     return (f"; stopped at its KL budget before iteration {stopped['iteration'] + 1}'s update (mean KL of the "
-            f"last 2 batches {_fmt(stopped.get('mean_kl_last_2'))} > {_fmt(stopped.get('kl_budget'))} nats)")
+            f"last 2 batches {_fmt(stopped.get('mean_kl_last_2'))} > {_fmt(stopped.get('kl_budget'))} nats)"
+            + (f"; the policy kept is the one after iteration {stopped['policy_iteration']} (its batch: KL "
+               f"{_fmt(stopped.get('policy_kl'), 2)})" if "policy_iteration" in stopped else ""))
 
 
 def _json(path: Path) -> dict[str, Any]:

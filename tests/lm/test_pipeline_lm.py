@@ -112,3 +112,6 @@ def test_report_names_the_iteration_where_ppo_hit_its_kl_budget():
     assert _kl_budget_note(None) == ""
     note = _kl_budget_note({"reason": "kl_budget", "iteration": 19, "kl": 9.8, "mean_kl_last_2": 9.4, "kl_budget": 9.0})
     assert "before iteration 20's update" in note and "9.400 > 9.000" in note
+    kept = _kl_budget_note({"reason": "kl_budget", "iteration": 19, "kl": 10.5, "mean_kl_last_2": 9.1,
+                            "kl_budget": 9.0, "policy_iteration": 18, "policy_kl": 7.7})
+    assert "the policy kept is the one after iteration 18 (its batch: KL 7.70)" in kept

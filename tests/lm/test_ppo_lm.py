@@ -219,14 +219,20 @@ def test_kl_budget_stops_before_the_update_that_would_pass_it_and_stays_stopped_
     budgeted = make_trainer(cfg)
     summary = budgeted.train(tmp_path / "budget")
     # Iteration 1 samples the reference itself (KL 0); its update moves the policy, so the second
-    # batch takes the 2-batch mean past the budget and that batch is not trained on.
+    # batch takes the 2-batch mean past the budget: that batch is not trained on, and the weights go
+    # back to those that drew the first batch, the last one within the budget.
     assert summary["iterations"] == 1
-    assert summary["stopped"]["reason"] == "kl_budget" and summary["stopped"]["iteration"] == 1
-    assert summary["stopped"]["mean_kl_last_2"] > cfg.kl_budget
-    one = make_trainer(dataclasses.replace(cfg, iterations=1, kl_budget=None))
-    one.train(tmp_path / "one")
-    kept, reference = budgeted._trainable_state(), one._trainable_state()
-    assert all(torch.equal(kept[n], reference[n]) for n in reference)
+    stopped = summary["stopped"]
+    assert stopped["reason"] == "kl_budget" and stopped["iteration"] == 1 and stopped["policy_iteration"] == 0
+    assert stopped["mean_kl_last_2"] > cfg.kl_budget >= stopped["policy_kl"]
+    start = make_trainer(dataclasses.replace(cfg, kl_budget=None))
+    kept, initial = budgeted._trainable_state(), start._trainable_state()
+    assert all(torch.equal(kept[n], initial[n]) for n in initial)
+    from palate.lm.models import load_model
+
+    saved, _ = load_model(str(tmp_path / "budget" / "model"))
+    policy = dict(budgeted.unwrapped.policy.named_parameters())
+    assert all(torch.equal(p, policy[n]) for n, p in saved.named_parameters() if n in policy)
     resumed = make_trainer(cfg)
     assert resumed.train(tmp_path / "budget", resume=True)["iterations"] == 1
     from palate.lm.ppo import read_metrics
