@@ -117,7 +117,7 @@ def _policy_kl(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer, p
     from palate.lm.prefix import forward_suffix, shared_blocks, suffix_matches
 
     device = next(policy.parameters()).device
-    start = min(shared_blocks(policy, reference), len(decoder_layers(policy)) - 1)
+    start = max(0, min(shared_blocks(policy, reference), len(decoder_layers(policy)) - 1))
     if start and not suffix_matches(reference, start, int(reference.config.vocab_size), device):
         start = 0
     log.info("KL to the reference: log pi from generation; the reference %s",
