@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import time
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -83,7 +82,7 @@ def best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
     from palate.data.tasks import load_task
     from palate.lm.evaluate import sample_batches
     from palate.lm.formatting import encode_prompt_completion
-    from palate.lm.generation import row_seed
+    from palate.lm.generation import named_stream, row_seed
     from palate.lm.models import load_model
     from palate.lm.reward_model import RewardModel
     from palate.runs import seed_everything
@@ -106,7 +105,7 @@ def best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
     ids = [encode_prompt_completion(tokenizer, p, "", task.chat, 128, add_eos=False)["input_ids"] for p in flat]
     seed_everything(cfg.seed)
     # One generator per sample (seeded by its place in the pool): the pool does not depend on batch_size.
-    stream = zlib.crc32(f"best_of_n/{cfg.split}".encode()) & 0x7FFFFFFF
+    stream = named_stream(f"best_of_n/{cfg.split}")
     with torch.no_grad():
         _, texts = sample_batches(model, tokenizer, ids, max_new, cfg.temperature, cfg.batch_size,
                                   row_seeds=[row_seed(cfg.seed, stream, i) for i in range(len(ids))])

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import zlib
 from pathlib import Path
 from typing import Literal
 
@@ -104,7 +103,9 @@ def candidate_stream(kind: str, split: str) -> int:
     Distinct per stage and split, so the label stage's SFT samples do not reuse the noise that drew
     the demonstrations the SFT model was trained on, and a validation set is not a copy of the training one.
     """
-    return zlib.crc32(f"candidates/{kind}/{split}".encode()) & 0x7FFFFFFF
+    from palate.lm.generation import named_stream
+
+    return named_stream(f"candidates/{kind}/{split}")
 
 
 def _candidates(model_name: str, cache_dir: str, task_name: str, split: str, limit: int, n: int,

@@ -114,10 +114,11 @@ def _policy_kl(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer, p
     reference runs only its top blocks, from the hidden state the policy's generation captured
     there (:mod:`palate.lm.prefix`): on SmolLM2 with 6 trained blocks, a fifth of a full pass.
     """
-    from palate.lm.prefix import forward_suffix, shared_blocks, suffix_matches
+    from palate.lm.prefix import decoder_base, forward_suffix, shared_blocks, suffix_matches
 
     device = next(policy.parameters()).device
-    start = max(0, min(shared_blocks(policy, reference), len(decoder_layers(policy)) - 1))
+    base = decoder_base(policy)
+    start = min(shared_blocks(policy, reference), len(base.layers) - 1) if base is not None else 0
     if start and not suffix_matches(reference, start, int(reference.config.vocab_size), device):
         start = 0
     log.info("KL to the reference: log pi from generation; the reference %s",
@@ -140,14 +141,6 @@ def _policy_kl(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer, p
         ref_logp = (ref_logp * mb.response_mask.to(ref_logp.dtype)).cpu()
         kls += (trace.logprobs - ref_logp).sum(1).tolist()
     return batches, texts, kls
-
-
-def decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
-    """The model's decoder block list (empty when it has none :mod:`palate.lm.prefix` can find)."""
-    from palate.lm.prefix import decoder_base
-
-    base = decoder_base(model)
-    return base.layers if base is not None else []
 
 
 def _shard(n: int, accelerator: Any) -> tuple[int, int]:

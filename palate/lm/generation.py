@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -278,6 +279,12 @@ def row_seed(seed: int, iteration: int, row: int) -> int:
     number of processes samples the same completions as one process does.
     """
     return int(np.random.SeedSequence([seed, iteration, row]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def named_stream(name: str) -> int:
+    """A :func:`row_seed` stream (its ``iteration`` argument) for a stage that samples once, by name:
+    distinct names give independent noise, so two stages never draw with the same generators."""
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
 class RowSeededSampling:

@@ -75,11 +75,12 @@ def prefix_equal(a: nn.Module, b: nn.Module, start: int) -> bool:
         return False
     modules = [(base_a.embed_tokens, base_b.embed_tokens)] if hasattr(base_a, "embed_tokens") else []
     modules += list(zip(list(base_a.layers)[:start], list(base_b.layers)[:start]))
-    for ma, mb in modules:
-        pa, pb = dict(ma.named_parameters()), dict(mb.named_parameters())
-        if pa.keys() != pb.keys() or any(not torch.equal(pa[k], pb[k]) for k in pa):
-            return False
-    return True
+    return all(_same_parameters(ma, mb) for ma, mb in modules)
+
+
+def _same_parameters(a: nn.Module, b: nn.Module) -> bool:
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    return pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
 def shared_blocks(a: nn.Module, b: nn.Module) -> int:
@@ -93,8 +94,7 @@ def shared_blocks(a: nn.Module, b: nn.Module) -> int:
         return 0
     shared = 0
     for la, lb in zip(base_a.layers, base_b.layers):
-        pa, pb = dict(la.named_parameters()), dict(lb.named_parameters())
-        if pa.keys() != pb.keys() or any(not torch.equal(pa[k], pb[k]) for k in pa):
+        if not _same_parameters(la, lb):
             break
         shared += 1
     return shared
