@@ -115,8 +115,7 @@ def _candidates(model_name: str, cache_dir: str, task_name: str, split: str, lim
 
     At top-p 1 (the default) completion ``j`` of prompt ``i`` draws from its own generator,
     seeded by ``seed``, the stage and its place ``i * n + j`` (:func:`palate.lm.generation.row_seed`):
-    the completions do not depend on ``batch_size``, so a larger batch is only faster (on a 2-core
-    CPU 128 rows decode 1.4x the tokens/s of 32), and a restart that resamples a prompt gets the
+    the completions do not depend on ``batch_size``, so a larger batch is only faster, and a restart that resamples a prompt gets the
     same K completions. Nucleus sampling (top-p < 1) draws from torch's global generator instead.
     """
     from tqdm.auto import tqdm
