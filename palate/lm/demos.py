@@ -7,8 +7,9 @@
 * ``palate lm label``: comparisons. For each prompt, sample K completions from the policy (the SFT
   model, as in InstructGPT) and have labellers rank them (Plackett-Luce noise at each labeller's
   temperature). ``labellers: train`` assigns one training labeller per prompt in turn, like the
-  contractors; ``labellers: all`` has every labeller, the held-out one included, rank the same
-  samples, which is what validation sets need for per-labeller and held-out accuracy.
+  contractors (``redundancy: R``: the next R in turn, each answer its own line); ``labellers: all``
+  has every labeller, the held-out one included, rank the same samples, which is what validation
+  sets need for per-labeller and held-out accuracy.
   ``labeller: human`` asks people instead, through the feedback service
   (:mod:`palate.lm.human_label`).
 """
@@ -66,7 +67,10 @@ class LabelConfig:
     mode: Literal["rank", "best"] = doc_field(
         "rank", "human labeller: people order all K (rank, written as rankings) or pick the best (best, "
         "written as best_of_k)")
-    redundancy: int = doc_field(1, "human labeller: people asked per comparison (each answer is its own line)")
+    redundancy: int = doc_field(
+        1, "labellers asked per comparison, each answer its own line: people (human labeller), or with "
+        "labellers: train the next training labellers in turn, each with its own noise (4 = every one of the "
+        "sentiment panel's): more labels on the same samples, at no sampling cost")
     feedback_url: str = doc_field("http://127.0.0.1:8000", "human labeller: the feedback service")
     feedback_token_env: str = doc_field("PALATE_FEEDBACK_TOKEN", "human labeller: env var holding the admin token")
     feedback_project: str | None = doc_field(None, "human labeller: feedback project the tasks go to")
@@ -95,6 +99,11 @@ class LabelConfig:
                                   "tasks, written as best_of_k): --format is the synthetic panel's")
             if self.redundancy < 1 or self.label_wait_s < 0 or self.poll_s <= 0:
                 raise ConfigError("label: redundancy must be >= 1, label_wait_s >= 0 and poll_s > 0")
+        elif self.redundancy < 1:
+            raise ConfigError(f"label: redundancy must be >= 1 (labellers per comparison), got {self.redundancy}")
+        elif self.redundancy > 1 and self.labellers != "train":
+            raise ConfigError(f"label: redundancy {self.redundancy} asks for several training labellers per prompt, "
+                              f"but labellers: {self.labellers} already names who ranks; use labellers: train")
 
 
 def candidate_stream(kind: str, split: str) -> int:
@@ -185,8 +194,9 @@ def label_comparisons(cfg: LabelConfig) -> Path:
     rng = np.random.default_rng(cfg.seed)
     comps: list[Comparison] = []
     for i, (prompt, cands) in enumerate(zip(prompts, grouped)):
-        if cfg.labellers == "train":
-            who = [panel.train_labellers[i % len(panel.train_labellers)]]
+        if cfg.labellers == "train":  # prompt i's labellers: i*R, i*R+1, ... in turn (R = redundancy)
+            train = panel.train_labellers
+            who = [train[(i * cfg.redundancy + r) % len(train)] for r in range(cfg.redundancy)]
         elif cfg.labellers == "held_out":
             who = [panel.held_out]
         else:

@@ -11,6 +11,7 @@ import pytest
 from palate.cli import main
 from palate.data.formats import read_comparisons, read_sft
 from palate.data.tasks import load_task
+from palate.errors import ConfigError
 from palate.lm.demos import DemosConfig, LabelConfig, build_demonstrations, label_comparisons
 from palate.lm.testing import tiny_causal_lm
 
@@ -59,6 +60,24 @@ def test_label_all_labellers_including_held_out(tiny_dir: Path, tmp_path: Path) 
     pairs = label_comparisons(LabelConfig(model=str(tiny_dir), task="sentiment", limit=2, k=2, format="pair",
                                           max_new_tokens=5, out=str(tmp_path / "pairs.jsonl")))
     assert {c.labeller for c in read_comparisons(pairs)} <= {lab.name for lab in load_task("sentiment").panel.train_labellers}
+
+
+def test_label_redundancy_has_several_training_labellers_rank_the_same_samples(tiny_dir: Path, tmp_path: Path) -> None:
+    """``redundancy: R``: each prompt's K samples ranked by the next R training labellers, never the held-out one."""
+    base = dict(model=str(tiny_dir), task="sentiment", limit=3, k=3, max_new_tokens=5)
+    one = read_comparisons(label_comparisons(LabelConfig(**base, out=str(tmp_path / "one.jsonl"))))
+    four = read_comparisons(label_comparisons(LabelConfig(**base, redundancy=4, out=str(tmp_path / "four.jsonl"))))
+    train = [lab.name for lab in load_task("sentiment").panel.train_labellers]
+    assert [c.labeller for c in one] == [train[i % len(train)] for i in range(len(one))]
+    for prompt in {c.prompt for c in four}:
+        rows = [c for c in four if c.prompt == prompt]
+        assert sorted(c.labeller for c in rows) == sorted(train)  # every training labeller, once
+        assert all(c.completions == rows[0].completions for c in rows)  # on the same samples
+        assert rows[0].completions == next(c for c in one if c.prompt == prompt).completions
+    with pytest.raises(ConfigError, match="redundancy"):
+        LabelConfig(**base, redundancy=2, labellers="all").validate()
+    with pytest.raises(ConfigError, match="redundancy"):
+        LabelConfig(**base, redundancy=0).validate()
 
 
 def test_cli_rm_with_yaml_and_flags(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
