@@ -180,6 +180,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
             kwargs["choices"] = list(get_args(tp))
         else:
             kwargs["metavar"] = getattr(tp, "__name__", "VALUE").upper()
+        if get_origin(tp) is dict or tp is dict:
+            kwargs["help"] = help_text + f"; a YAML mapping, e.g. {flag} '{{key: value}}', merged over the file's"
         group.add_argument(flag, **kwargs)
 
 
@@ -189,8 +191,28 @@ def config_from_args(cls: type[T], args: argparse.Namespace, yaml_path: str | Pa
     data: dict[str, Any] = dict(base or {})
     if yaml_path:
         data.update(load_yaml(yaml_path))
+    hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for name in names:
         if name in vars(args):
-            data[name] = getattr(args, name)
+            value = getattr(args, name)
+            inner, _ = _unwrap_optional(hints[name])
+            if (get_origin(inner) is dict or inner is dict) and isinstance(value, str):
+                value = _flag_mapping(name, value)
+                if isinstance(data.get(name), dict):  # a flag overrides the keys it names, not the section
+                    value = {**data[name], **value}
+            data[name] = value
     return config_from_dict(cls, data, source=str(yaml_path or "flags"))
+
+
+def _flag_mapping(name: str, text: str) -> dict[str, Any]:
+    """``--label '{k: 8, limit: 64}'``: a YAML mapping given as a flag, or one ConfigError naming the flag."""
+    flag = "--" + name.replace("_", "-")
+    try:
+        value = yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{flag}: {text!r} is not YAML ({err.__class__.__name__}); give a mapping such as "
+                          f"{flag} '{{key: value, other: 2}}'") from err
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag} expects a YAML mapping such as {flag} '{{key: value}}', got {text!r}")
+    return value

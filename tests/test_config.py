@@ -51,3 +51,23 @@ def test_errors_name_the_field(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         config_from_args(_Cfg, _parse([]), bad)
+
+
+@dataclass
+class _Nested:
+    name: str = doc_field("x", "a name")
+    label: dict = doc_field({}, "a stage's fields")
+
+
+def test_mapping_flag_is_yaml_merged_over_the_files_section(tmp_path):
+    """``--label '{k: 8}'`` overrides the keys it names and keeps the YAML section's others."""
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, _Nested)
+    path = tmp_path / "p.yaml"
+    path.write_text("label:\n  limit: 241\n  k: 4\n")
+    cfg = config_from_args(_Nested, parser.parse_args(["--label", "{k: 8, redundancy: 4}"]), path)
+    assert cfg.label == {"limit": 241, "k": 8, "redundancy": 4}
+    assert config_from_args(_Nested, parser.parse_args(["--label", "{k: 2}"])).label == {"k": 2}
+    for bad in ("[1, 2]", "{k: [1"):
+        with pytest.raises(ConfigError, match="--label"):
+            config_from_args(_Nested, parser.parse_args(["--label", bad]), path)
