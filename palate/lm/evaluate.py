@@ -29,13 +29,10 @@ from palate.errors import CheckpointError, ConfigError
 from palate.lm.config import EvalConfig
 from palate.lm.generation import (
     decode_responses,
-    keep_response_logits,
     logits_to_logprobs,
-    position_ids_from_mask,
     row_seed,
     sample,
     sample_traced,
-    take_response_logits,
 )
 from palate.lm.pretrain_text import nll_sum
 from palate.runs import atomic_write_json, atomic_write_text, read_run_config, seed_everything
@@ -114,7 +111,7 @@ def _policy_kl(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer, p
     reference runs only its top blocks, from the hidden state the policy's generation captured
     there (:mod:`palate.lm.prefix`): on SmolLM2 with 6 trained blocks, a fifth of a full pass.
     """
-    from palate.lm.prefix import decoder_base, forward_suffix, shared_blocks, suffix_matches
+    from palate.lm.prefix import decoder_base, response_logits, shared_blocks, suffix_matches
 
     device = next(policy.parameters()).device
     base = decoder_base(policy)
@@ -129,15 +126,11 @@ def _policy_kl(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer, p
                                  capture_block=start or None, row_seeds=row_seeds[i:i + batch_size])
         batches.append(b)
         texts += decode_responses(tokenizer, b)
-        mb, r = b.to(device), b.response_ids.shape[1]
-        kwargs = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                      position_ids=position_ids_from_mask(mb.attention_mask), use_cache=False,
-                      **keep_response_logits(reference, r))
+        mb = b.to(device)
         with torch.no_grad():
-            out = (forward_suffix(reference, trace.hidden.to(device), start, **kwargs) if start
-                   else reference(**kwargs))
-            ref_logp, _ = logits_to_logprobs(take_response_logits(out.logits, r), mb.response_ids, temperature)
-        del out
+            logits = response_logits(reference, mb, trace.hidden.to(device) if start else None, start)
+            ref_logp, _ = logits_to_logprobs(logits, mb.response_ids, temperature)
+        del logits
         ref_logp = (ref_logp * mb.response_mask.to(ref_logp.dtype)).cpu()
         kls += (trace.logprobs - ref_logp).sum(1).tolist()
     return batches, texts, kls

@@ -68,6 +68,24 @@ def forward_suffix(model: nn.Module, hidden: torch.Tensor, start: int, **inputs:
         return model(inputs_embeds=hidden, **inputs)
 
 
+def response_logits(model: nn.Module, batch: Any, prefix: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+    """``model``'s logits ``[B, R, V]`` at the response positions of ``batch`` (a rollout batch).
+
+    With ``prefix``, the hidden state entering block ``start`` that another model computed from the
+    same blocks (:func:`shared_blocks`), only blocks ``start..L-1`` run. Only the last R+1 positions
+    are projected onto the vocabulary where the model allows it. The KL to a reference at PPO's
+    rollouts and at evaluation both read the reference through this.
+    """
+    from palate.lm.generation import keep_response_logits, position_ids_from_mask, take_response_logits
+
+    r = batch.response_ids.shape[1]
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                  position_ids=position_ids_from_mask(batch.attention_mask), use_cache=False,
+                  **keep_response_logits(model, r))
+    out = forward_suffix(model, prefix, start, **kwargs) if prefix is not None else model(**kwargs)
+    return take_response_logits(out.logits, r)
+
+
 def prefix_equal(a: nn.Module, b: nn.Module, start: int) -> bool:
     """Whether two decoders share embeddings and blocks ``0..start-1`` bit for bit."""
     base_a, base_b = decoder_base(a), decoder_base(b)

@@ -28,9 +28,9 @@ from palate.lm.generation import (
 from palate.lm.prefix import (
     decoder_base,
     forward_capture,
-    forward_suffix,
     prefix_equal,
     prefix_frozen,
+    response_logits,
     suffix_matches,
 )
 from palate.lm.value import PolicyAndValue
@@ -106,21 +106,14 @@ def setup_prefix_cache(net: PolicyAndValue, reference: nn.Module | None, vocab: 
 def reference_logits(net: PolicyAndValue, reference: nn.Module | None, ref_shares_prefix: bool, mb: RolloutBatch,
                      policy_prefix: torch.Tensor | None = None) -> torch.Tensor:
     """rho's response logits ``[B, R, V]``; with LoRA (``reference=None``) the policy, adapters off."""
-    r = mb.response_ids.shape[1]
-    kwargs = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                  position_ids=position_ids_from_mask(mb.attention_mask), use_cache=False)
     if reference is not None:
-        kwargs.update(keep_response_logits(reference, r))
         if ref_shares_prefix and policy_prefix is not None:
             # rho's lower blocks are the policy's frozen ones: start from the policy's prefix.
-            out = forward_suffix(reference, policy_prefix, net.policy_start, **kwargs)
-        else:
-            out = reference(**kwargs)
-        return take_response_logits(out.logits, r)
+            return response_logits(reference, mb, policy_prefix, net.policy_start)
+        return response_logits(reference, mb)
     # LoRA: rho is the very same weights with the adapters switched off (no extra memory).
-    kwargs.update(keep_response_logits(net.policy, r))
     with net.policy.disable_adapter():
-        return take_response_logits(net.policy(**kwargs).logits, r)
+        return response_logits(net.policy, mb)
 
 
 @torch.no_grad()
