@@ -181,7 +181,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
         else:
             kwargs["metavar"] = getattr(tp, "__name__", "VALUE").upper()
         if get_origin(tp) is dict or tp is dict:
-            kwargs["help"] = help_text + f"; a YAML mapping, e.g. {flag} '{{key: value}}', merged over the file's"
+            kwargs["help"] = help_text + f"; a YAML mapping, e.g. {flag} '{{key: value}}', merged over the --config file's section"
         group.add_argument(flag, **kwargs)
 
 
