@@ -103,11 +103,13 @@ class CnnMember(nn.Module):
         self.head = mlp(flat + act_dim, hidden, dropout)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        x = obs.float() / 255.0
+        x = obs
         if self.layout == "hw":
             x = x.unsqueeze(1)
         elif self.layout == "hwc":
             x = x.permute(0, 3, 1, 2)
+        # Channels-last memory for oneDNN's NHWC convolutions (as palate.rl.encoders.ImageEncoder).
+        x = x.contiguous(memory_format=torch.channels_last).float() / 255.0
         return self.head(torch.cat([self.conv(x), act], dim=-1))
 
 
