@@ -88,6 +88,7 @@ SETTINGS: dict[str, Any] = {
     "learning_rate": 2e-4,
     "kl_coef": 0.2,
     "trainable_layers": 6,      # every arm trains the last 6 blocks of policy (and value) (CPU budget)
+    "value_trainable_layers": -1,  # palate: its value model's trained blocks (-1: as trainable_layers)
     "eval_prompts": 38,         # test prompts for the common evaluation
     "eval_samples": 4,          # samples per test prompt and model (38 x 4 = 152 comparisons)
     "seed": 0,
@@ -103,6 +104,8 @@ _FLAG_HELP = {
     "learning_rate": "AdamW learning rate, constant",
     "kl_coef": "fixed KL coefficient beta",
     "trainable_layers": "train only the last N blocks of policy (and value); 0: all",
+    "value_trainable_layers": "palate: the value model's trained blocks (-1: as --trainable-layers; 0: its head "
+                              "alone, on frozen features)",
     "eval_prompts": "test prompts in the common evaluation",
     "eval_samples": "samples per test prompt and model in the common evaluation",
     "seed": "seed of every arm",
@@ -151,6 +154,7 @@ def arm_palate(work: Path, sft: str, rm_dir: str, s: dict[str, Any]) -> dict[str
                       max_new_tokens=s["max_new_tokens"], learning_rate=s["learning_rate"], kl_coef=s["kl_coef"],
                       adaptive_kl=False, forward_batch_size=s["batch_size"], device="cpu", seed=s["seed"],
                       trainable_layers=s["trainable_layers"],
+                      value_trainable_layers=None if s.get("value_trainable_layers", -1) < 0 else s["value_trainable_layers"],
                       runs_dir=str(work), run_name="palate", save_every=10**6, whiten_advantages=True)
     run_dir = prepare_run_dir(cfg.run_dir, {"bench": "lm-ppo"}, overwrite=True)
     trainer = build_trainer(cfg)
@@ -333,6 +337,13 @@ def _span(r: dict[str, Any]) -> str:
     return f"{r['started_utc'][11:16]}-{r['finished_utc'][11:16]}, "
 
 
+def _value_note(s: dict[str, Any]) -> str:
+    n = s.get("value_trainable_layers", -1)
+    if n < 0 or n == s["trainable_layers"]:
+        return ""
+    return " (palate's value model: its head alone)" if n == 0 else f" (palate's value model: its last {n})"
+
+
 def report_lines(results: dict[str, Any], arms: tuple[str, ...]) -> list[str]:
     """The Markdown table of a run's results, and the issue's two targets against every TRL arm."""
     s, threads = results["settings"], results["threads"]
@@ -340,7 +351,7 @@ def report_lines(results: dict[str, Any], arms: tuple[str, ...]) -> list[str]:
     lines = [f"Budget: {s['iterations']} iterations x {s['batch_size']} completions"
              f"{f' ({groups})' if groups else ''}, minibatch {s['mini_batch_size']}, "
              f"{s['ppo_epochs']} epochs, {s['max_new_tokens']} new tokens, lr {s['learning_rate']:g}, "
-             f"KL coef {s['kl_coef']:g}, last {s['trainable_layers']} blocks trained, seed {s['seed']}; "
+             f"KL coef {s['kl_coef']:g}, last {s['trainable_layers']} blocks trained{_value_note(s)}, seed {s['seed']}; "
              f"evaluation: {s['eval_prompts']} test prompts x {s['eval_samples']} samples; {threads} thread(s) "
              f"per arm{', arms in parallel' if results['parallel'] else ', one arm at a time'}. "
              f"Table written {results['date']}, commit {results['commit']}, {results['machine']}.", "",

@@ -232,6 +232,9 @@ class LMPPOConfig:
     lora_r: int = doc_field(0, "LoRA rank for policy and value (0 = train the weights themselves)")
     lora_alpha: int = doc_field(32, "LoRA alpha")
     trainable_layers: int = doc_field(0, "train only the last N transformer blocks (0 = all); cheap on CPU")
+    value_trainable_layers: int | None = doc_field(
+        None, "with trainable_layers: the value model's trained blocks (null: as trainable_layers; 0: only its head, "
+              "on frozen features computed once per rollout)")
     cache_frozen_prefix: bool = doc_field(
         True, "with trainable_layers: run the frozen lower blocks once per rollout, not in every update step")
     reuse_generation: bool = doc_field(
@@ -286,6 +289,13 @@ class LMPPOConfig:
             raise ConfigError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.online_redundancy < 1:
             raise ConfigError(f"online_redundancy must be >= 1 (people per comparison), got {self.online_redundancy}")
+        if self.value_trainable_layers is not None:
+            if self.value_trainable_layers < 0:
+                raise ConfigError(f"ppo: value_trainable_layers must be >= 0 (0: the value head alone) or null, "
+                                  f"got {self.value_trainable_layers}")
+            if self.lora_r > 0 or self.trainable_layers <= 0:
+                raise ConfigError("ppo: value_trainable_layers needs trainable_layers > 0 and no LoRA (lora_r: 0); "
+                                  "remove it, or set trainable_layers")
         if self.compile_generation and not self.generation_static_cache:
             raise ConfigError("compile_generation needs generation_static_cache: true (transformers compiles "
                               "only a fixed-shape cache)")
@@ -293,6 +303,11 @@ class LMPPOConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.run_name
+
+    @property
+    def value_layers(self) -> int:
+        """The value model's trained blocks (``value_trainable_layers``, or ``trainable_layers``)."""
+        return self.trainable_layers if self.value_trainable_layers is None else self.value_trainable_layers
 
 
 @dataclasses.dataclass

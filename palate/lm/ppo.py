@@ -157,7 +157,7 @@ class LMPPOTrainer(PPOCheckpointMixin):
         self.unwrapped: PolicyAndValue = self.accelerator.unwrap_model(self.model)
         self.ref_shares_prefix = False
         if cfg.cache_frozen_prefix and cfg.trainable_layers > 0:
-            self._setup_prefix_cache(cfg.trainable_layers)
+            self._setup_prefix_cache(cfg.trainable_layers, cfg.value_layers)
 
         if cfg.adaptive_kl:
             self.kl_ctl: Any = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.k_beta)
@@ -195,10 +195,10 @@ class LMPPOTrainer(PPOCheckpointMixin):
 
     # -- rollout ---------------------------------------------------------------------------
 
-    def _setup_prefix_cache(self, trainable_layers: int) -> None:
+    def _setup_prefix_cache(self, trainable_layers: int, value_layers: int) -> None:
         vocab = int(getattr(self.unwrapped.policy.config, "vocab_size", 0) or len(self.tokenizer))
         self.ref_shares_prefix = setup_prefix_cache(self.unwrapped, self.reference, vocab, trainable_layers,
-                                                    self.device)
+                                                    self.device, value_layers)
 
     def _forward_rollout(self, batch: RolloutBatch, trace: SampleTrace | None = None) -> tuple[torch.Tensor | None, ...]:
         """:func:`palate.lm.rollout.forward_rollout` on this trainer's networks."""

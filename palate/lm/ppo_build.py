@@ -80,7 +80,7 @@ def build_trainer(cfg: LMPPOConfig) -> LMPPOTrainer:
         value = ValueModel.from_causal_lm(policy)
     value.requires_grad_(True)
 
-    policy = make_trainable(policy, value, cfg.lora_r, cfg.lora_alpha, cfg.trainable_layers)
+    policy = make_trainable(policy, value, cfg.lora_r, cfg.lora_alpha, cfg.trainable_layers, cfg.value_layers)
 
     def encode_prompt(prompt: str) -> list[int]:
         # Exactly the prompt tokens SFT and the reward model saw (same template, same BOS rule).

@@ -85,17 +85,27 @@ class PromptSampler:
 
 
 def setup_prefix_cache(net: PolicyAndValue, reference: nn.Module | None, vocab: int, trainable_layers: int,
-                       device: Any) -> bool:
+                       device: Any, value_layers: int | None = None) -> bool:
     """Turn the frozen-prefix cache on for each network whose lower blocks are frozen and whose
     suffix forward reproduces its full forward (checked here, on this model).
 
-    Sets ``net.policy_start`` / ``net.value_start``; returns whether the reference shares the
-    policy's frozen blocks (then rho's forward starts from the policy's cached prefix too).
+    ``value_layers`` (default ``trainable_layers``) are the value model's trained blocks; with 0 and
+    its whole backbone frozen, the cached "prefix" is the backbone's output and the update runs
+    only the value head on it. Sets ``net.policy_start`` / ``net.value_start``; returns whether the
+    reference shares the policy's frozen blocks (then rho's forward starts from the policy's cached
+    prefix too).
     """
-    for name, module, output in (("policy", net.policy, "logits"), ("value", net.value.backbone, "last_hidden_state")):
+    value_layers = trainable_layers if value_layers is None else value_layers
+    for name, module, output, n in (("policy", net.policy, "logits", trainable_layers),
+                                    ("value", net.value.backbone, "last_hidden_state", value_layers)):
         base = decoder_base(module)
-        start = len(base.layers) - trainable_layers if base is not None else 0
-        if base is not None and prefix_frozen(module, start) and suffix_matches(module, start, vocab, device, output):
+        if base is None:
+            continue
+        start = len(base.layers) - n
+        if name == "value" and n == 0:
+            if not any(p.requires_grad for p in module.parameters()):
+                net.value_start = start  # the head alone reads the frozen backbone's output
+        elif prefix_frozen(module, start) and suffix_matches(module, start, vocab, device, output):
             setattr(net, f"{name}_start", start)
     shares = bool(net.policy_start and reference is not None and prefix_equal(net.policy, reference, net.policy_start))
     log.info("frozen-prefix cache: policy from block %d, value from block %d, reference shares it: %s "

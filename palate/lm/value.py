@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from palate.lm.generation import keep_response_logits, position_ids_from_mask, take_response_logits
-from palate.lm.prefix import forward_capture, forward_suffix
+from palate.lm.prefix import decoder_base, forward_capture, forward_suffix
 from palate.lm.pretrain_text import lm_nll
 
 
@@ -34,6 +34,8 @@ class ValueModel(nn.Module):
                 start: int = 0) -> torch.Tensor:
         """``[B, L]`` values; with ``prefix`` (the hidden state entering block ``start``, see
         :mod:`palate.lm.prefix`) only blocks ``start..`` run."""
+        if prefix is not None and start >= self.n_layers:  # a frozen backbone's output: the head alone
+            return self.head(prefix.to(self.head.weight.dtype)).squeeze(-1)
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
@@ -42,10 +44,22 @@ class ValueModel(nn.Module):
 
     def forward_capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                         start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(values, hidden state entering block start)`` from one full forward."""
+        """``(values, hidden state entering block start)`` from one full forward; with ``start`` at
+        the number of blocks, the backbone's output (after its final norm) for the head alone."""
+        if start >= self.n_layers:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=False)
+            last = out.last_hidden_state
+            return self.head(last.to(self.head.weight.dtype)).squeeze(-1), last
         out, hidden = forward_capture(self.backbone, start, input_ids=input_ids, attention_mask=attention_mask,
                                       position_ids=position_ids, use_cache=False)
         return self.head(out.last_hidden_state.to(self.head.weight.dtype)).squeeze(-1), hidden
+
+    @property
+    def n_layers(self) -> int:
+        """Transformer blocks in the backbone (0 when it has no block list)."""
+        base = decoder_base(self.backbone)
+        return len(base.layers) if base is not None else 0
 
     @classmethod
     def from_causal_lm(cls, model: nn.Module) -> ValueModel:

@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 import torch
 
+from palate.errors import ConfigError
 from palate.lm.generation import decode_responses, response_logprobs, sample
 from palate.lm.ppo import LMPPOConfig, LMPPOTrainer, ValueModel, lora_config
 from palate.lm.testing import tiny_causal_lm
@@ -165,6 +166,45 @@ def test_frozen_prefix_cache_gives_the_same_updates_as_full_passes():
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
     for (name, p), q in zip(cached.unwrapped.named_parameters(), full.unwrapped.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_value_head_alone_on_frozen_features_matches_full_passes():
+    """value_trainable_layers: 0 trains only the value head, on the backbone output cached at rollout."""
+    from palate.lm.trainable import make_trainable
+
+    def run(cache):
+        cfg = LMPPOConfig(reward_fn="x", batch_size=4, mini_batch_size=2, iterations=2, learning_rate=1e-2,
+                          max_new_tokens=6, device="cpu", ppo_epochs=2, trainable_layers=1, value_trainable_layers=0,
+                          cache_frozen_prefix=cache, reuse_generation=False)
+        seed_everything(0)
+        model, tok = tiny_causal_lm(seed=0)
+        value = ValueModel.from_causal_lm(model)
+        reference = copy.deepcopy(model)
+        model = make_trainable(model, value, 0, 32, cfg.trainable_layers, cfg.value_layers)
+        backbone = copy.deepcopy(value.backbone.state_dict())
+        trainer = LMPPOTrainer(cfg, model, tok, value, count_e, PROMPTS, lambda p: tok.encode(p), reference=reference)
+        metrics = [trainer.step()[0] for _ in range(cfg.iterations)]
+        return trainer, metrics, backbone
+
+    cached, m_cached, backbone = run(True)
+    full, m_full, _ = run(False)
+    value = cached.unwrapped.value
+    assert cached.unwrapped.value_start == value.n_layers == 2 and full.unwrapped.value_start == 0
+    assert not any(p.requires_grad for p in value.backbone.parameters())
+    for key, tensor in value.backbone.state_dict().items():
+        assert torch.equal(tensor, backbone[key]), key  # the backbone is never trained
+    assert value.head.weight.abs().sum() > 0  # the head (zero at the start) is
+    for a, b in zip(m_cached, m_full):
+        for key in ("objective/reward", "losses/policy_loss", "losses/value_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    torch.testing.assert_close(value.head.weight, full.unwrapped.value.head.weight, atol=1e-5, rtol=1e-4)
+
+
+def test_value_trainable_layers_needs_trained_blocks():
+    with pytest.raises(ConfigError, match="value_trainable_layers"):
+        LMPPOConfig(reward_fn="x", value_trainable_layers=0).validate()
+    with pytest.raises(ConfigError, match="value_trainable_layers"):
+        LMPPOConfig(reward_fn="x", trainable_layers=2, value_trainable_layers=-1).validate()
 
 
 @pytest.mark.parametrize("chunk", [None, 2])
