@@ -85,17 +85,16 @@ class PromptSampler:
 
 
 def setup_prefix_cache(net: PolicyAndValue, reference: nn.Module | None, vocab: int, trainable_layers: int,
-                       device: Any, value_layers: int | None = None) -> bool:
+                       device: Any, value_layers: int) -> bool:
     """Turn the frozen-prefix cache on for each network whose lower blocks are frozen and whose
     suffix forward reproduces its full forward (checked here, on this model).
 
-    ``value_layers`` (default ``trainable_layers``) are the value model's trained blocks; with 0 and
+    ``value_layers`` are the value model's trained blocks (``LMPPOConfig.value_layers``); with 0 and
     its whole backbone frozen, the cached "prefix" is the backbone's output and the update runs
     only the value head on it. Sets ``net.policy_start`` / ``net.value_start``; returns whether the
     reference shares the policy's frozen blocks (then rho's forward starts from the policy's cached
     prefix too).
     """
-    value_layers = trainable_layers if value_layers is None else value_layers
     for name, module, output, n in (("policy", net.policy, "logits", trainable_layers),
                                     ("value", net.value.backbone, "last_hidden_state", value_layers)):
         base = decoder_base(module)

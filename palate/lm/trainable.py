@@ -39,14 +39,14 @@ def lora_config(r: int, alpha: int, task_type: str | None) -> Any:
 
 
 def make_trainable(policy: nn.Module, value: nn.Module, lora_r: int, lora_alpha: int,
-                   trainable_layers: int, value_layers: int | None = None) -> nn.Module:
+                   trainable_layers: int, value_layers: int) -> nn.Module:
     """Set what PPO trains on both networks; returns the policy (a ``peft`` model with LoRA).
 
     With LoRA both get adapters (the value backbone's in place); otherwise the policy trains its
     last ``trainable_layers`` blocks and final norm and the value model its last ``value_layers``
-    (default: as many) and final norm, so the frozen-prefix cache can serve both. ``value_layers=0``
-    freezes the whole value backbone: only its scalar head trains, on features the rollout computes
-    once, and the update's value costs next to nothing.
+    (``LMPPOConfig.value_layers``: as many unless set) and final norm, so the frozen-prefix cache
+    can serve both. ``value_layers=0`` freezes the whole value backbone: only its scalar head
+    trains, on features the rollout computes once, and the update's value costs next to nothing.
     """
     if lora_r > 0:
         from peft import get_peft_model
@@ -55,7 +55,6 @@ def make_trainable(policy: nn.Module, value: nn.Module, lora_r: int, lora_alpha:
         value.backbone = get_peft_model(value.backbone, lora_config(lora_r, lora_alpha, None))
         return policy
     freeze_all_but_last_layers(policy, trainable_layers)
-    value_layers = trainable_layers if value_layers is None else value_layers
     if trainable_layers > 0:
         value.backbone.requires_grad_(False)
         if value_layers > 0:

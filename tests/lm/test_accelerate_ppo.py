@@ -48,7 +48,7 @@ WORKER = textwrap.dedent("""
         model, tok = tiny_causal_lm(seed=0)
         value = ValueModel.from_causal_lm(model)
         reference = None if lora else copy.deepcopy(model)
-        model = make_trainable(model, value, cfg.lora_r, 8, top_blocks)
+        model = make_trainable(model, value, cfg.lora_r, 8, top_blocks, top_blocks)
         score = lambda p, c: [float(x.count("e")) + 0.1 * len(x) for x in c]
         return LMPPOTrainer(cfg, model, tok, value, score, PROMPTS, lambda p: tok.encode(p), reference=reference)
 
