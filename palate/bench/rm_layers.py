@@ -24,16 +24,24 @@ import torch
 
 from palate.runs import atomic_write_json
 
+POOLS = ("mean", "last", "mean+last")
+
 
 @torch.inference_mode()
 def block_features(rm: Any, tokenizer: Any, texts: Sequence[tuple[str, str]], blocks: Sequence[int],
-                   batch_size: int = 32) -> dict[int, torch.Tensor]:
-    """``{block: [N, hidden]}``: the completion-mean feature a reward model cut after each block reads.
+                   batch_size: int = 32, pool: str = "mean") -> dict[int, torch.Tensor]:
+    """``{block: [N, hidden]}``: the feature a reward model cut after each block reads.
 
     ``rm`` is a :class:`palate.lm.reward_model.RewardModel` over the whole backbone; a model cut after
-    block L applies the final norm to block L's output, so the same norm is applied here.
+    block L applies the final norm to block L's output, so the same norm is applied here. ``pool``:
+    ``mean`` over the completion's tokens (the pipeline's reading), the ``last`` real token, or
+    ``mean+last`` (both, concatenated: ``[N, 2 * hidden]``).
     """
+    from palate.lm.formatting import last_token_index
     from palate.lm.generation import position_ids_from_mask
+
+    if pool not in POOLS:
+        raise ValueError(f"rm_layers: pool must be one of {POOLS}, got {pool!r}")
 
     n_layers = len(rm.backbone.layers)
     bad = [b for b in blocks if not 1 <= b <= n_layers]
@@ -51,7 +59,13 @@ def block_features(rm: Any, tokenizer: Any, texts: Sequence[tuple[str, str]], bl
         for b in blocks:
             h = hidden[b] if b < n_layers else hidden[-1]  # hidden_states[-1] is already normed
             h = norm(h) if b < n_layers else h
-            out[b].append((h.float() * m).sum(1) / m.sum(1).clamp_min(1.0))
+            parts = []
+            if pool in ("mean", "mean+last"):
+                parts.append((h.float() * m).sum(1) / m.sum(1).clamp_min(1.0))
+            if pool in ("last", "mean+last"):
+                last = last_token_index(batch["attention_mask"])
+                parts.append(h.float()[torch.arange(h.shape[0]), last])
+            out[b].append(torch.cat(parts, 1))
     return {b: torch.cat(v) for b, v in out.items()}
 
 
@@ -81,7 +95,8 @@ def held_out_accuracy(x: torch.Tensor, keys: Sequence[tuple[str, str]], train: S
             "val_accuracy": m["rm/val_accuracy"]}
 
 
-def probe_run(run: Path, blocks: Sequence[int], combos: Sequence[Sequence[int]]) -> dict[str, dict[str, float]]:
+def probe_run(run: Path, blocks: Sequence[int], combos: Sequence[Sequence[int]],
+              pool: str = "mean") -> dict[str, dict[str, float]]:
     """Held-out accuracy of each block (and each concatenation in ``combos``) on one pipeline run."""
     from palate.data.formats import read_comparisons
     from palate.data.tasks import load_task
@@ -99,7 +114,7 @@ def probe_run(run: Path, blocks: Sequence[int], combos: Sequence[Sequence[int]])
     rm.eval()
     keys = list(dict.fromkeys((c.prompt, y) for c in list(train) + list(val) for y in c.completions))
     needed = sorted(set(blocks) | {b for combo in combos for b in combo})
-    feats = block_features(rm, tokenizer, keys, needed)
+    feats = block_features(rm, tokenizer, keys, needed, pool=pool)
     held_out = task.panel.held_out.name
     rows = {f"block {b}": held_out_accuracy(feats[b], keys, train, val, held_out) for b in blocks}
     for combo in combos:
@@ -114,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, nargs="+", default=[8, 12, 16, 20, 24, 30], help="blocks to probe")
     parser.add_argument("--combine", nargs="*", default=["16,20,24", "12,20,30"],
                         help="comma-separated blocks whose features are concatenated")
+    parser.add_argument("--pool", choices=POOLS, default="mean",
+                        help="how the completion's hidden states are read (the pipeline reads the mean)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/rm-layers"), help="directory for rm_layers.json")
     args = parser.parse_args(argv)
     for run in args.runs:
@@ -121,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"{run} is not a finished pipeline run (needs label/comparisons.jsonl, label/val.jsonl "
                          "and sft/model): run palate lm pipeline first")
     combos = [[int(b) for b in c.split(",")] for c in args.combine]
-    results = {str(run): probe_run(run, args.blocks, combos) for run in args.runs}
+    results = {str(run): probe_run(run, args.blocks, combos, args.pool) for run in args.runs}
     names = list(next(iter(results.values())))
     print("| features | " + " | ".join(r.name for r in args.runs) + " | mean |")
     print("|---|" + "---|" * (len(args.runs) + 1))
@@ -129,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         accs = [results[str(r)][name]["held_out_accuracy"] for r in args.runs]
         print(f"| {name} | " + " | ".join(f"{a:.3f}" for a in accs) + f" | {np.mean(accs):.3f} |")
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "rm_layers.json", {"runs": results, "blocks": args.blocks, "combine": combos})
+    atomic_write_json(args.out / "rm_layers.json", {"runs": results, "blocks": args.blocks, "combine": combos,
+                                                     "pool": args.pool})
     print(json.dumps({"out": str(args.out / "rm_layers.json")}))
     return 0
 

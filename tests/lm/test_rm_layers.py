@@ -30,6 +30,24 @@ def test_block_features_are_what_a_model_cut_after_that_block_reads():
         block_features(full, tok, texts, [4])
 
 
+def test_last_token_and_concatenated_pools():
+    model, tok = tiny_causal_lm(num_layers=2)
+    texts = [("the film was", " great fun"), ("a", " long and quite slow story")]
+    mean = block_features(RewardModel.from_causal_lm(model, chat=False, max_length=32, n_heads=1, pool="mean"),
+                          tok, texts, [2], batch_size=2)[2]
+    last_rm = RewardModel.from_causal_lm(model, chat=False, max_length=32, n_heads=1, pool="last")
+    batch = last_rm.encode_texts([p for p, _ in texts], [c for _, c in texts], tok)
+    with torch.no_grad():
+        want = last_rm.pooled(batch["input_ids"], batch["attention_mask"])
+    rm = RewardModel.from_causal_lm(model, chat=False, max_length=32, n_heads=1, pool="mean")
+    last = block_features(rm, tok, texts, [2], batch_size=1, pool="last")[2]
+    torch.testing.assert_close(last, want, atol=1e-4, rtol=1e-4)
+    both = block_features(rm, tok, texts, [2], batch_size=2, pool="mean+last")[2]
+    torch.testing.assert_close(both, torch.cat([mean, want], 1), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="pool must be one of"):
+        block_features(rm, tok, texts, [2], pool="max")
+
+
 def test_probe_on_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     model, tok = tiny_causal_lm(num_layers=2)
     run = tmp_path / "run"
