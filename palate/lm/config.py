@@ -100,6 +100,9 @@ class RMConfig(TrainingRunFields):
     features_layer: int = doc_field(
         0, "0: fine-tune the whole model (last-token reading). L > 0: keep the model frozen, cut after block L, "
         "and fit linear heads on the completion's mean hidden state (features computed once; seconds to fit)")
+    features_pool: Literal["mean", "mean+last"] = doc_field(
+        "mean", "with features_layer: what the heads read: the completion's mean hidden state, or that and the "
+        "last token's concatenated (how the text ends)")
     ensemble: int = doc_field(1, "with features_layer: linear heads, each fitted on a bootstrap resample")
     conservative_k: float = doc_field(0.0, "with ensemble > 1: the reward is the heads' mean minus k times their std")
     head_weight_decay: list[float] = doc_field(

@@ -244,8 +244,9 @@ def train_feature_reward_model(cfg: Any, train: Sequence[Any], val: Sequence[Any
 
     t0 = time.perf_counter()
     base, tokenizer = load_model(cfg.model, dtype=cfg.dtype, cache_dir=cfg.cache_dir or None)
-    rm = RewardModel.from_causal_lm(base, chat=chat, max_length=cfg.max_length, n_heads=cfg.ensemble, pool="mean",
-                                    conservative_k=cfg.conservative_k, n_layers=cfg.features_layer)
+    rm = RewardModel.from_causal_lm(base, chat=chat, max_length=cfg.max_length, n_heads=cfg.ensemble,
+                                    pool=cfg.features_pool, conservative_k=cfg.conservative_k,
+                                    n_layers=cfg.features_layer)
     del base
     rm.requires_grad_(False)
     rm.eval()

@@ -53,6 +53,9 @@ def truncate_backbone(backbone: nn.Module, n_layers: int) -> nn.Module:
     return backbone
 
 
+POOLS = ("last", "mean", "mean+last")
+
+
 class RewardModel(nn.Module):
     """r(x, y): backbone hidden state -> linear head(s) -> normalised score.
 
@@ -65,6 +68,8 @@ class RewardModel(nn.Module):
       linear heads fitted on cached features (:mod:`palate.lm.reward_features`). The score is the
       heads' mean minus ``conservative_k`` times their spread, the control half's conservative
       reward: a policy gains nothing from text the heads disagree about.
+    * ``pool="mean+last"``: as ``mean``, with the hidden state at the last real token concatenated
+      (``2 * hidden`` features): the mean reads what the text is about, the last token how it ends.
 
     Each head is normalised on its own (``gain * raw + bias``); with one head the score is simply
     the normalised head output.
@@ -73,15 +78,16 @@ class RewardModel(nn.Module):
     def __init__(self, backbone: nn.Module, *, chat: bool = False, max_length: int = 512, n_heads: int = 1,
                  pool: str = "last", conservative_k: float = 0.0) -> None:
         super().__init__()
-        if pool not in ("last", "mean"):
-            raise ConfigError(f"reward model pool must be 'last' or 'mean', got {pool!r}")
+        if pool not in POOLS:
+            raise ConfigError(f"reward model pool must be one of {', '.join(POOLS)}, got {pool!r}")
         if n_heads < 1:
             raise ConfigError(f"reward model n_heads must be >= 1, got {n_heads}")
         self.backbone = backbone
         hidden = int(backbone.config.hidden_size)
-        self.head = nn.Linear(hidden, n_heads)
+        width = 2 * hidden if pool == "mean+last" else hidden
+        self.head = nn.Linear(width, n_heads)
         # Ziegler et al. initialise the head so the initial rewards have unit-ish scale.
-        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(hidden + 1))
+        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(width + 1))
         nn.init.zeros_(self.head.bias)
         self.register_buffer("gain", torch.ones(n_heads))
         self.register_buffer("bias", torch.zeros(n_heads))
@@ -107,7 +113,7 @@ class RewardModel(nn.Module):
     @property
     def frozen_features(self) -> bool:
         """True for the frozen-backbone kind: only the heads ever train."""
-        return self.pool == "mean"
+        return self.pool != "last"
 
     @classmethod
     def from_causal_lm(cls, model: nn.Module, *, chat: bool = False, max_length: int = 512, n_heads: int = 1,
@@ -137,14 +143,16 @@ class RewardModel(nn.Module):
             use_cache=False,
         )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        if self.pool == "mean":
-            if completion_mask is None:
-                raise ValueError("a mean-pooled reward model needs the completion_mask of its inputs "
-                                 "(use score_texts, which builds it)")
-            m = completion_mask.to(hidden.dtype).unsqueeze(-1)
-            return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
         idx = last_token_index(attention_mask)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+        if self.pool == "last":
+            return last
+        if completion_mask is None:
+            raise ValueError("a mean-pooled reward model needs the completion_mask of its inputs "
+                             "(use score_texts, which builds it)")
+        m = completion_mask.to(hidden.dtype).unsqueeze(-1)
+        mean = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return mean if self.pool == "mean" else torch.cat([mean, last], -1)
 
     def hidden_at_last_token(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[B, hidden]``: the backbone's final hidden state at each row's last real token."""
@@ -248,10 +256,17 @@ class RewardModel(nn.Module):
         self.bias.copy_((-gain * raw.mean(0)).to(self.bias))
 
     def folded_head(self) -> nn.Linear:
-        """One ``nn.Linear(hidden, 1)`` giving the heads' mean normalised score (the value's start)."""
+        """One ``nn.Linear(hidden, 1)`` giving the heads' mean normalised score (the value's start).
+
+        A ``mean+last`` head's two halves are summed: read at every position, as the value reads
+        it, both weigh the same hidden state.
+        """
         w = self.head.weight.detach() * self.gain.unsqueeze(-1)
         b = self.head.bias.detach() * self.gain + self.bias
-        head = nn.Linear(self.head.in_features, 1).to(self.head.weight)
+        hidden = int(self.backbone.config.hidden_size)
+        if w.shape[1] == 2 * hidden:
+            w = w[:, :hidden] + w[:, hidden:]
+        head = nn.Linear(hidden, 1).to(self.head.weight)
         with torch.no_grad():
             head.weight.copy_(w.mean(0, keepdim=True))
             head.bias.copy_(b.mean().reshape(1))

@@ -86,6 +86,34 @@ def test_value_model_starts_from_the_heads_mean() -> None:
     assert torch.allclose(value.head(h).squeeze(-1), rm.combine(rm.head(h)), atol=1e-5)
 
 
+def test_mean_plus_last_reading_concatenates_both_and_round_trips(tmp_path: Path) -> None:
+    from palate.errors import ConfigError
+    from palate.lm.ppo import ValueModel
+
+    model, tok = tiny_causal_lm(seed=2)
+    both = RewardModel.from_causal_lm(copy.deepcopy(model), max_length=64, n_heads=2, pool="mean+last", n_layers=1)
+    mean = RewardModel.from_causal_lm(copy.deepcopy(model), max_length=64, pool="mean", n_layers=1)
+    last = RewardModel.from_causal_lm(copy.deepcopy(model), max_length=64, pool="last", n_layers=1)
+    assert both.frozen_features and both.head.in_features == 2 * model.config.hidden_size
+    batch = both.encode_texts(["The movie was", "Hi"], ["great fun.", "ok"], tok)
+    with torch.no_grad():
+        got = both.pooled(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        want = torch.cat([mean.pooled(batch["input_ids"], batch["attention_mask"], batch["completion_mask"]),
+                          last.pooled(batch["input_ids"], batch["attention_mask"])], -1)
+    assert torch.allclose(got, want, atol=1e-5)
+    both.save_pretrained(tmp_path / "rm", tokenizer=tok)
+    loaded, loaded_tok = load_reward_model(tmp_path / "rm")
+    assert loaded.pool == "mean+last"
+    assert torch.allclose(loaded.score_texts(["a"], ["good"], loaded_tok), both.score_texts(["a"], ["good"], tok),
+                          atol=1e-5)
+    # The value reads one hidden state per position: both halves of the head weigh it.
+    value = ValueModel.from_reward_model(both)
+    h = torch.randn(3, model.config.hidden_size)
+    assert torch.allclose(value.head(h).squeeze(-1), both.combine(both.head(torch.cat([h, h], -1))), atol=1e-5)
+    with pytest.raises(ConfigError, match="pool must be one of"):
+        RewardModel.from_causal_lm(copy.deepcopy(model), pool="max")
+
+
 def test_truncate_backbone_rejects_a_layer_count_outside_the_model() -> None:
     from palate.errors import ConfigError
 
@@ -150,7 +178,7 @@ def test_train_reward_model_with_features_layer(tmp_path: Path) -> None:
     run = train_reward_model(RMConfig(
         model=str(tmp_path / "tiny"), train_data=str(tmp_path / "train.jsonl"), val_data=str(tmp_path / "val.jsonl"),
         task="sentiment", features_layer=1, ensemble=3, conservative_k=0.5, head_weight_decay=[0.01, 1.0],
-        head_steps=100, max_length=64, runs_dir=str(tmp_path / "runs"), tensorboard=False))
+        head_steps=100, features_pool="mean+last", max_length=64, runs_dir=str(tmp_path / "runs"), tensorboard=False))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["head_weight_decay"] in (0.01, 1.0) and summary["ensemble"] == 3
     for key in ("rm/accuracy", "rm/val_accuracy", "rm/held_out_accuracy", "rm/val_ece", "rm/val_accuracy_wd/0.01",
@@ -159,6 +187,7 @@ def test_train_reward_model_with_features_layer(tmp_path: Path) -> None:
     assert summary["normalized_on"] == 6 * 4
     rm, rm_tok = load_reward_model(run)
     assert rm.frozen_features and rm.n_heads == 3 and rm.extra_meta["head_weight_decay"] == summary["head_weight_decay"]
+    assert rm.pool == "mean+last" and rm.head.in_features == 2 * model.config.hidden_size
     cache = FeatureCache.load(run / "model")
     assert len(cache) == summary["texts"] and len(cache.ref) == 24
     # Normalised on the validation completions, through the heads exactly as PPO will score them.
