@@ -117,6 +117,11 @@ def probe_run(run: Path, blocks: Sequence[int], combos: Sequence[Sequence[int]],
     feats = block_features(rm, tokenizer, keys, needed, pool=pool)
     held_out = task.panel.held_out.name
     rows = {f"block {b}": held_out_accuracy(feats[b], keys, train, val, held_out) for b in blocks}
+    if pool == "mean+last":  # each half alone too, from the same forward passes
+        half = feats[blocks[0]].shape[1] // 2 if blocks else 0
+        for b in blocks:
+            rows[f"block {b}, mean alone"] = held_out_accuracy(feats[b][:, :half], keys, train, val, held_out)
+            rows[f"block {b}, last token alone"] = held_out_accuracy(feats[b][:, half:], keys, train, val, held_out)
     for combo in combos:
         x = torch.cat([feats[b] for b in combo], 1)
         rows["blocks " + " + ".join(map(str, combo))] = held_out_accuracy(x, keys, train, val, held_out)
@@ -130,7 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--combine", nargs="*", default=["16,20,24", "12,20,30"],
                         help="comma-separated blocks whose features are concatenated")
     parser.add_argument("--pool", choices=POOLS, default="mean",
-                        help="how the completion's hidden states are read (the pipeline reads the mean)")
+                        help="how the completion's hidden states are read (the pipeline reads the mean); "
+                        "mean+last also reports each half alone")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/rm-layers"), help="directory for rm_layers.json")
     args = parser.parse_args(argv)
     for run in args.runs:

@@ -69,5 +69,8 @@ def test_probe_on_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert set(result) == {"block 1", "block 2", "blocks 1 + 2"}
     assert all(r["held_out_accuracy"] == 1.0 for r in result.values())
     assert "| block 2 |" in capsys.readouterr().out
+    assert main([str(run), "--blocks", "2", "--combine", "--pool", "mean+last", "--out", str(tmp_path / "o2")]) == 0
+    result = json.loads((tmp_path / "o2" / "rm_layers.json").read_text())["runs"][str(run)]
+    assert set(result) == {"block 2", "block 2, mean alone", "block 2, last token alone"}
     with pytest.raises(SystemExit):
         main([str(tmp_path / "nothing")])
