@@ -127,6 +127,9 @@ class RMConfig(TrainingRunFields):
                               "set one of them")
         if self.features_layer and (not self.head_weight_decay or min(self.head_weight_decay) < 0):
             raise ConfigError("rm: head_weight_decay needs at least one value >= 0")
+        if self.features_pool != "mean" and not self.features_layer:
+            raise ConfigError(f"rm: features_pool: {self.features_pool} reads frozen features, so it needs "
+                              "features_layer > 0; set features_layer, or drop features_pool")
         if (self.ensemble > 1 or self.conservative_k) and not self.features_layer:
             raise ConfigError("rm: ensemble and conservative_k need features_layer > 0 (heads on frozen features)")
 

@@ -112,6 +112,10 @@ def test_mean_plus_last_reading_concatenates_both_and_round_trips(tmp_path: Path
     assert torch.allclose(value.head(h).squeeze(-1), both.combine(both.head(torch.cat([h, h], -1))), atol=1e-5)
     with pytest.raises(ConfigError, match="pool must be one of"):
         RewardModel.from_causal_lm(copy.deepcopy(model), pool="max")
+    from palate.lm.reward import RMConfig
+
+    with pytest.raises(ConfigError, match="features_pool: mean\\+last reads frozen features"):
+        RMConfig(model="m", train_data="t.jsonl", features_pool="mean+last").validate()
 
 
 def test_truncate_backbone_rejects_a_layer_count_outside_the_model() -> None:
