@@ -22,9 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from palate.lm.reward_model import POOLS, pool_hidden
 from palate.runs import atomic_write_json
-
-POOLS = ("mean", "last", "mean+last")
 
 
 @torch.inference_mode()
@@ -37,7 +36,6 @@ def block_features(rm: Any, tokenizer: Any, texts: Sequence[tuple[str, str]], bl
     ``mean`` over the completion's tokens (the pipeline's reading), the ``last`` real token, or
     ``mean+last`` (both, concatenated: ``[N, 2 * hidden]``).
     """
-    from palate.lm.formatting import last_token_index
     from palate.lm.generation import position_ids_from_mask
 
     if pool not in POOLS:
@@ -55,17 +53,10 @@ def block_features(rm: Any, tokenizer: Any, texts: Sequence[tuple[str, str]], bl
         hidden = rm.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False,
                              output_hidden_states=True).hidden_states
-        m = batch["completion_mask"].float().unsqueeze(-1)
         for b in blocks:
             h = hidden[b] if b < n_layers else hidden[-1]  # hidden_states[-1] is already normed
             h = norm(h) if b < n_layers else h
-            parts = []
-            if pool in ("mean", "mean+last"):
-                parts.append((h.float() * m).sum(1) / m.sum(1).clamp_min(1.0))
-            if pool in ("last", "mean+last"):
-                last = last_token_index(batch["attention_mask"])
-                parts.append(h.float()[torch.arange(h.shape[0]), last])
-            out[b].append(torch.cat(parts, 1))
+            out[b].append(pool_hidden(h.float(), batch["attention_mask"], batch["completion_mask"], pool))
     return {b: torch.cat(v) for b, v in out.items()}
 
 

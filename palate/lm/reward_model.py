@@ -56,6 +56,26 @@ def truncate_backbone(backbone: nn.Module, n_layers: int) -> nn.Module:
 POOLS = ("last", "mean", "mean+last")
 
 
+def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor | None,
+                pool: str) -> torch.Tensor:
+    """``[B, H]`` (``[B, 2H]`` for ``mean+last``): one reading of ``hidden [B, L, H]`` per row.
+
+    ``last``: the last real token; ``mean``: the mean over the completion's tokens; ``mean+last``:
+    both, concatenated. Shared by :meth:`RewardModel.pooled` and ``palate.bench.rm_layers``.
+    """
+    parts = []
+    if pool != "last":
+        if completion_mask is None:
+            raise ValueError("a mean-pooled reward model needs the completion_mask of its inputs "
+                             "(use score_texts, which builds it)")
+        m = completion_mask.to(hidden.dtype).unsqueeze(-1)
+        parts.append((hidden * m).sum(1) / m.sum(1).clamp_min(1.0))
+    if pool != "mean":
+        idx = last_token_index(attention_mask)
+        parts.append(hidden[torch.arange(hidden.shape[0], device=hidden.device), idx])
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+
 class RewardModel(nn.Module):
     """r(x, y): backbone hidden state -> linear head(s) -> normalised score.
 
@@ -143,16 +163,7 @@ class RewardModel(nn.Module):
             use_cache=False,
         )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        idx = last_token_index(attention_mask)
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
-        if self.pool == "last":
-            return last
-        if completion_mask is None:
-            raise ValueError("a mean-pooled reward model needs the completion_mask of its inputs "
-                             "(use score_texts, which builds it)")
-        m = completion_mask.to(hidden.dtype).unsqueeze(-1)
-        mean = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-        return mean if self.pool == "mean" else torch.cat([mean, last], -1)
+        return pool_hidden(hidden, attention_mask, completion_mask, self.pool)
 
     def hidden_at_last_token(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[B, hidden]``: the backbone's final hidden state at each row's last real token."""
